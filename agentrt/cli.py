@@ -150,6 +150,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from policy_workers.policy import discover_policies, load_policy
+    from policy_workers.worker import group_id, run_worker
+
+    config = _config(args)
+    if args.list:
+        for name, cls in sorted(discover_policies().items()):
+            print(f"{name}\t{cls.__module__}:{cls.__qualname__}\tconsumer group {group_id(name, config.topic_prefix)}")
+        return 0
+    require_broker(config.bootstrap_servers)
+    policy = load_policy(args.policy)
+    print(f"policy worker {policy.name}: consumer group {group_id(policy.name, config.topic_prefix)} on {config.bootstrap_servers}",
+          flush=True)
+    run_worker(policy, config, args.snapshot_url, loglevel="info" if args.verbose else "warning")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.bench_streams import main as bench_main
 
@@ -202,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default="sqlite:///runs/demo.db")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("worker", help="run a policy worker (its own consumer group) until interrupted")
+    p.add_argument("--policy", default="cachesage", help="entry-point name in agentrt.policies, or module:Class")
+    p.add_argument("--snapshot-url", default="sqlite:///agentrt-policy-state.db",
+                   help="SQLAlchemy URL for state snapshots (default: %(default)s)")
+    p.add_argument("--list", action="store_true", help="list installed policies")
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("bench", help="event backbone benchmark (see BENCHMARKS.md; `agentrt bench -- --help`)")
     p.set_defaults(func=cmd_bench)
     return parser
@@ -219,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         librdkafka_logger().setLevel(logging.CRITICAL)
     try:
         return args.func(args)
-    except (BrokerUnreachable, broker.BrokerError, ValueError, TimeoutError) as exc:
+    except (BrokerUnreachable, broker.BrokerError, ValueError, TimeoutError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

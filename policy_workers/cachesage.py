@@ -1,0 +1,488 @@
+"""CacheSage: survival-based KV eviction, pinning and prefetch from learned agent transitions.
+
+Per workload it learns the agent transition matrix online (decayed counts, a
+prior) and per-agent timing (step duration, the gap before a call, call rate).
+For every cached prefix block it knows who used it: (agent, session) pairs from
+the engine's KV events. A block's value is the probability that any of them
+reuses it within the horizon ("survival score"):
+
+    p(block) = 1 - prod over users (agent a, active session s) of (1 - P_s(a within k steps))
+                 * prod over agents a of a cross-session block (1 - (1 - exp(-rate_a * horizon)))
+
+where P_s comes from hitting probabilities of the transition chain from the
+session's current agent, k is the number of calls that fit in the horizon, and
+the second product applies to blocks already seen in two or more sessions
+(system prompts, tool schemas): new sessions reuse those at the agent's call
+rate. A block shared by several agents or sessions is worth all of its
+expected reuses; one used only by an ended session is worth nothing.
+
+Acts: eviction scores (bucketed, only when a block's bucket changes),
+pins with a TTL for the predicted next agent's resident prefix while its
+session waits (tool call, between steps), and prefetch of that prefix when it
+is no longer resident.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from streams import events as ev
+
+from .policy import Policy, Prediction
+from .transitions import TransitionModel, steps_within
+
+
+@dataclass
+class CacheSageConfig:
+    horizon_s: float = 60.0  # how far ahead reuse counts
+    decision_ttl_s: float = 30.0  # every decision expires; refreshed while still true
+    session_idle_expiry_s: float = 900.0  # a session with no event for this long is over
+    pin_threshold: float = 0.6  # next-call probability that earns a pin
+    pin_ttl_cap_s: float = 30.0
+    prefetch_threshold: float = 0.5
+    score_buckets: int = 20
+    max_blocks: int = 200_000  # block metadata tracked per workload (oldest forgotten first)
+    max_users_per_block: int = 8
+    decay: float = 0.97
+    prior_strength: float = 0.5
+    rate_window_s: float = 300.0  # time constant of the per-agent call-rate estimate
+    default_step_s: float = 5.0  # assumed call-to-call time before any timing is learned
+
+
+@dataclass
+class _Step:
+    agent: str
+    started: float
+    ended: float | None = None
+
+
+@dataclass
+class _Session:
+    """A session's recent steps by step number.
+
+    Events are keyed by agent, so one session's events arrive in order per
+    agent but interleaved arbitrarily across agents (different partitions);
+    the step number, not arrival, orders them.
+    """
+
+    steps: OrderedDict = field(default_factory=OrderedDict)  # step -> _Step, bounded
+    latest: int = -1
+    last_seen: float = 0.0
+    in_tool: bool = False
+    handoff_to: str | None = None
+    acted_step: tuple[int | None, str] | None = None  # (step, agent) last pinned/prefetched for
+
+    @property
+    def agent(self) -> str | None:
+        current = self.steps.get(self.latest)
+        return current.agent if current else None
+
+    @property
+    def step(self) -> int | None:
+        return self.latest if self.latest >= 0 else None
+
+    @property
+    def step_ended(self) -> float | None:
+        current = self.steps.get(self.latest)
+        return current.ended if current else None
+
+
+MAX_STEPS_KEPT = 16
+
+
+@dataclass
+class _Block:
+    users: OrderedDict = field(default_factory=OrderedDict)  # (agent, session) -> last use time
+    sessions_seen: int = 0
+    resident: bool = True
+    emitted_bucket: int = -1
+    emitted_at: float = 0.0
+
+
+class _AgentTiming:
+    """Per-agent EWMAs in float32 arrays indexed like the transition model (bounded state)."""
+
+    def __init__(self) -> None:
+        self.arrays = np.zeros((4, 8), dtype=np.float32)  # step_s, gap_s, rate_count, rate_at
+
+    def _grow(self, i: int) -> None:
+        while i >= self.arrays.shape[1]:
+            self.arrays = np.concatenate([self.arrays, np.zeros_like(self.arrays)], axis=1)
+
+    def update(self, row: int, i: int, value: float, alpha: float = 0.2) -> None:
+        self._grow(i)
+        old = self.arrays[row, i]
+        self.arrays[row, i] = value if old == 0 else (1 - alpha) * old + alpha * value
+
+    def get(self, row: int, i: int) -> float:
+        return float(self.arrays[row, i]) if i < self.arrays.shape[1] else 0.0
+
+    def count_call(self, i: int, now: float, window_s: float) -> None:
+        self._grow(i)
+        count, at = self.arrays[2, i], self.arrays[3, i]
+        decayed = count * math.exp(-max(now - at, 0.0) / window_s) if at else 0.0
+        self.arrays[2, i], self.arrays[3, i] = decayed + 1.0, now
+
+    def rate(self, i: int, now: float, window_s: float) -> float:
+        if i >= self.arrays.shape[1] or not self.arrays[3, i]:
+            return 0.0
+        count, at = float(self.arrays[2, i]), float(self.arrays[3, i])
+        return count * math.exp(-max(now - at, 0.0) / window_s) / window_s
+
+    def nbytes(self, n: int) -> int:
+        return self.arrays[:, :n].nbytes
+
+
+STEP_S, GAP_S = 0, 1
+
+
+class _Workload:
+    def __init__(self, config: CacheSageConfig) -> None:
+        self.model = TransitionModel(config.decay, config.prior_strength)
+        self.timing = _AgentTiming()
+        self.sessions: dict[str, _Session] = {}
+        self.blocks: OrderedDict[str, _Block] = OrderedDict()
+        self.prefix_of: dict[tuple[str, str], tuple[str | None, list[str]]] = {}  # (agent, session) -> (request, hashes)
+
+    def learned_nbytes(self) -> int:
+        """Bytes of what was learned about the workload's agents (transitions and timing)."""
+        return self.model.nbytes() + self.timing.nbytes(len(self.model))
+
+
+class CacheSage(Policy):
+    name = "cachesage"
+
+    def __init__(self, config: CacheSageConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        self.config = config or CacheSageConfig(**overrides)
+        self._workloads: dict[str, _Workload] = {}
+
+    # --- observe --------------------------------------------------------------
+
+    def workload(self, name: str) -> _Workload:
+        state = self._workloads.get(name)
+        if state is None:
+            state = self._workloads[name] = _Workload(self.config)
+        return state
+
+    def workloads(self) -> list[str]:
+        return sorted(self._workloads)
+
+    def observe(self, event: ev.Event) -> None:
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            self.skip(f"unused:{event.type_name}")
+            return
+        needs_session = isinstance(event, ev.FrameworkEvent)
+        if needs_session and not event.session:
+            self.skip("missing_session")
+            return
+        handler(self, self.workload(event.workload), event)
+
+    def _session(self, w: _Workload, event: ev.Event) -> _Session:
+        session = w.sessions.get(event.session)
+        if session is None:
+            session = w.sessions[event.session] = _Session()
+        session.last_seen = max(session.last_seen, event.time)
+        return session
+
+    def _on_session_start(self, w: _Workload, event: ev.SessionStart) -> None:
+        self._session(w, event)
+
+    def _on_session_end(self, w: _Workload, event: ev.SessionEnd) -> None:
+        w.sessions.pop(event.session, None)
+
+    def _on_step_start(self, w: _Workload, event: ev.AgentStepStart) -> None:
+        session = self._session(w, event)
+        step = event.step if event.step is not None else session.latest + 1
+        if step in session.steps or step <= session.latest - MAX_STEPS_KEPT:
+            self.skip("duplicate_or_stale_step")
+            return
+        i = w.model.observe_call(event.agent)
+        w.timing.count_call(i, event.time, self.config.rate_window_s)
+        session.steps[step] = _Step(event.agent, event.time)
+        before, after = session.steps.get(step - 1), session.steps.get(step + 1)
+        if before is not None:  # learn each transition once, whichever of its two steps arrives last
+            w.model.observe(before.agent, event.agent)
+            if before.ended is not None:
+                w.timing.update(GAP_S, i, max(event.time - before.ended, 0.0))
+        if after is not None:
+            w.model.observe(event.agent, after.agent)
+        if step > session.latest:
+            session.latest = step
+            session.in_tool, session.handoff_to = False, None
+        while len(session.steps) > MAX_STEPS_KEPT:
+            session.steps.pop(min(session.steps))
+
+    def _on_step_end(self, w: _Workload, event: ev.AgentStepEnd) -> None:
+        session = self._session(w, event)
+        step = event.step if event.step is not None else session.latest
+        current = session.steps.get(step)
+        if current is None or current.agent != event.agent:
+            self.skip("step_end_without_start")
+            return
+        current.ended = event.time
+        duration = event.duration_s if event.duration_s is not None else event.time - current.started
+        i = w.model.agent_id(event.agent)
+        w.timing.update(STEP_S, i, max(duration, 0.0))
+        after = session.steps.get(step + 1)
+        if after is not None:
+            w.timing.update(GAP_S, w.model.agent_id(after.agent), max(after.started - event.time, 0.0))
+
+    def _on_handoff(self, w: _Workload, event: ev.Handoff) -> None:
+        self._session(w, event).handoff_to = event.to_agent
+
+    def _on_tool_start(self, w: _Workload, event: ev.ToolCallStart) -> None:
+        self._session(w, event).in_tool = True
+
+    def _on_tool_end(self, w: _Workload, event: ev.ToolCallEnd) -> None:
+        self._session(w, event).in_tool = False
+
+    def _on_blocks_stored(self, w: _Workload, event: ev.KvBlocksStored) -> None:
+        user = (event.agent, event.session) if event.agent and event.session else None
+        for block_hash in event.block_hashes:
+            block = w.blocks.get(block_hash)
+            if block is None:
+                block = w.blocks[block_hash] = _Block()
+            else:
+                w.blocks.move_to_end(block_hash)
+            block.resident = True
+            if user is not None:
+                if user not in block.users and all(s != user[1] for _, s in block.users):
+                    block.sessions_seen += 1
+                block.users[user] = event.time
+                block.users.move_to_end(user)
+                if len(block.users) > self.config.max_users_per_block:
+                    block.users.popitem(last=False)
+        if user is not None:
+            request, hashes = w.prefix_of.get(user, (None, []))
+            if request is not None and request == event.request:
+                hashes = hashes + [h for h in event.block_hashes if h not in hashes]
+            else:
+                hashes = list(event.block_hashes)
+            w.prefix_of[user] = (event.request, hashes)
+        while len(w.blocks) > self.config.max_blocks:
+            w.blocks.popitem(last=False)
+
+    def _on_blocks_removed(self, w: _Workload, event: ev.KvBlocksRemoved) -> None:
+        for block_hash in event.block_hashes:
+            block = w.blocks.get(block_hash)
+            if block is not None:
+                block.resident = False
+
+    def _on_all_cleared(self, w: _Workload, event: ev.KvAllBlocksCleared) -> None:
+        for block in w.blocks.values():
+            block.resident = False
+
+    # --- predict ----------------------------------------------------------------
+
+    def _expire_sessions(self, w: _Workload, now: float) -> None:
+        idle = [s for s, st in w.sessions.items() if now - st.last_seen > self.config.session_idle_expiry_s]
+        for s in idle:
+            del w.sessions[s]
+        if idle:
+            gone = set(idle)
+            for key in [k for k in w.prefix_of if k[1] in gone]:
+                del w.prefix_of[key]
+
+    def _mean_cycle_s(self, w: _Workload) -> float:
+        n = len(w.model)
+        if n == 0:
+            return self.config.default_step_s
+        cycle = w.timing.arrays[STEP_S, :n] + w.timing.arrays[GAP_S, :n]
+        learned = cycle[cycle > 0]
+        return float(learned.mean()) if len(learned) else self.config.default_step_s
+
+    def _session_hits(self, w: _Workload, session: _Session, steps: int, cache: dict) -> dict[str, float]:
+        """P(each agent is called within ``steps`` calls) for one session."""
+        if session.handoff_to:  # the framework said who is next
+            key = (session.handoff_to, steps - 1)
+            if key not in cache:
+                cache[key] = w.model.hitting(session.handoff_to, steps - 1) if steps > 1 else {}
+            hits = dict(cache[key])
+            hits[session.handoff_to] = 1.0
+            return hits
+        if session.agent is None:
+            return {}
+        key = (session.agent, steps)
+        if key not in cache:
+            cache[key] = w.model.hitting(session.agent, steps)
+        return cache[key]
+
+    def _hits_by_session(self, w: _Workload, now: float) -> dict[str, dict[str, float]]:
+        self._expire_sessions(w, now)
+        steps = steps_within(self.config.horizon_s, self._mean_cycle_s(w))
+        cache: dict = {}
+        return {s: self._session_hits(w, st, steps, cache) for s, st in w.sessions.items()}
+
+    def _next_agent(self, w: _Workload, session: _Session) -> tuple[str, float] | None:
+        if session.handoff_to:
+            return session.handoff_to, 1.0
+        if session.agent is None or len(w.model) == 0:
+            return None
+        row = w.model.row(session.agent)
+        j = int(np.argmax(row))
+        return w.model.names[j], float(row[j])
+
+    def predict(self, workload: str, now: float) -> list[Prediction]:
+        w = self._workloads.get(workload)
+        if w is None:
+            return []
+        self._expire_sessions(w, now)
+        out = []
+        for name, session in w.sessions.items():
+            nxt = self._next_agent(w, session)
+            if nxt is None:
+                continue
+            agent, probability = nxt
+            i = w.model.index.get(agent)
+            gap = w.timing.get(GAP_S, i) if i is not None else 0.0
+            since = now - (session.step_ended or session.last_seen)
+            out.append(Prediction(workload, name, agent, probability, max(gap - since, 0.0)))
+        return out
+
+    # --- score --------------------------------------------------------------------
+
+    def _cross_session_survival(self, w: _Workload, agent: str, now: float) -> float:
+        i = w.model.index.get(agent)
+        rate = w.timing.rate(i, now, self.config.rate_window_s) if i is not None else 0.0
+        return math.exp(-rate * self.config.horizon_s)
+
+    def block_scores(self, workload: str, now: float, resident_only: bool = True) -> dict[str, float]:
+        """Reuse probability within the horizon of each (resident) cached block."""
+        w = self._workloads.get(workload)
+        if w is None:
+            return {}
+        hits = self._hits_by_session(w, now)
+        cross: dict[str, float] = {}
+        scores = {}
+        for block_hash, block in w.blocks.items():
+            if resident_only and not block.resident:
+                continue
+            survive = 1.0  # P(no user reuses the block within the horizon)
+            for agent, session in block.users:
+                session_hits = hits.get(session)
+                if session_hits:
+                    survive *= 1.0 - session_hits.get(agent, 0.0)
+                if block.sessions_seen >= 2:
+                    if agent not in cross:
+                        cross[agent] = self._cross_session_survival(w, agent, now)
+                    survive *= cross[agent]
+            scores[block_hash] = 1.0 - survive
+        return scores
+
+    def score(self, workload: str, now: float) -> Mapping[str, float]:
+        return self.block_scores(workload, now)
+
+    # --- act ----------------------------------------------------------------------
+
+    def _decision_id(self, kind: str, workload: str, agent: str, *parts: object) -> str:
+        digest = hashlib.blake2b(digest_size=12)
+        for part in (self.name, kind, workload, agent, *parts):
+            digest.update(repr(part).encode())
+            digest.update(b"\0")
+        return digest.hexdigest()
+
+    def act(self, workload: str, now: float) -> list[ev.Decision]:
+        w = self._workloads.get(workload)
+        if w is None:
+            return []
+        decisions: list[ev.Decision] = self._eviction_scores(w, workload, now)
+        decisions += self._pins_and_prefetches(w, workload, now)
+        return decisions
+
+    def _owner(self, block: _Block) -> str | None:
+        return next(reversed(block.users))[0] if block.users else None
+
+    def _eviction_scores(self, w: _Workload, workload: str, now: float) -> list[ev.Decision]:
+        cfg = self.config
+        groups: dict[tuple[str, int], list[str]] = {}
+        for block_hash, p in self.block_scores(workload, now).items():
+            block = w.blocks[block_hash]
+            bucket = min(int(p * cfg.score_buckets), cfg.score_buckets - 1)
+            fresh = now - block.emitted_at < cfg.decision_ttl_s / 2
+            owner = self._owner(block)
+            if owner is None or (bucket == block.emitted_bucket and fresh):
+                continue
+            block.emitted_bucket, block.emitted_at = bucket, now
+            groups.setdefault((owner, bucket), []).append(block_hash)
+        expires = now + cfg.decision_ttl_s
+        return [ev.EvictionScore(workload=workload, agent=agent, time=now, policy=self.name,
+                                 decision_id=self._decision_id("score", workload, agent, bucket, hashes, round(expires)),
+                                 expires_at=expires, block_hashes=tuple(hashes), score=(bucket + 0.5) / cfg.score_buckets)
+                for (agent, bucket), hashes in groups.items()]
+
+    def _pins_and_prefetches(self, w: _Workload, workload: str, now: float) -> list[ev.Decision]:
+        cfg = self.config
+        out: list[ev.Decision] = []
+        for name, session in w.sessions.items():
+            waiting = session.in_tool or session.step_ended is not None or session.handoff_to is not None
+            nxt = self._next_agent(w, session)
+            if not waiting or nxt is None:
+                continue
+            agent, probability = nxt
+            if session.acted_step == (session.step, agent):
+                continue  # one pin/prefetch per predicted call
+            _, hashes = w.prefix_of.get((agent, name), (None, []))
+            if not hashes:
+                continue
+            resident = [h for h in hashes if h in w.blocks and w.blocks[h].resident]
+            missing = [h for h in hashes if h not in resident]
+            i = w.model.index.get(agent)
+            gap = w.timing.get(GAP_S, i) if i is not None else cfg.default_step_s
+            expected_at = (session.step_ended or now) + gap
+            expires = now + cfg.decision_ttl_s
+            acted = False
+            if probability >= cfg.pin_threshold and resident:
+                ttl = min(cfg.pin_ttl_cap_s, max(2.0 * gap, 1.0))
+                out.append(ev.Pin(workload=workload, agent=agent, session=name, step=session.step, time=now,
+                                  policy=self.name, expires_at=expires, block_hashes=tuple(resident), ttl_s=ttl,
+                                  decision_id=self._decision_id("pin", workload, agent, name, session.step)))
+                acted = True
+            if probability >= cfg.prefetch_threshold and missing:
+                out.append(ev.Prefetch(workload=workload, agent=agent, session=name, step=session.step, time=now,
+                                       policy=self.name, expires_at=expires, block_hashes=tuple(hashes),
+                                       probability=probability, expected_at=expected_at,
+                                       decision_id=self._decision_id("prefetch", workload, agent, name, session.step)))
+                acted = True
+            if acted:
+                session.acted_step = (session.step, agent)
+        return out
+
+    # --- state ----------------------------------------------------------------------
+
+    def learned_nbytes(self, workload: str) -> int:
+        w = self._workloads.get(workload)
+        return w.learned_nbytes() if w else 0
+
+    def to_state(self) -> dict[str, Any]:
+        return {name: {"model": w.model.to_state(),
+                       "timing": w.timing.arrays[:, : len(w.model)].tolist()}
+                for name, w in self._workloads.items()}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        for name, saved in state.items():
+            w = self.workload(name)
+            w.model = TransitionModel.from_state(saved["model"])
+            timing = np.asarray(saved["timing"], dtype=np.float32).reshape(4, -1)
+            w.timing.arrays = np.zeros((4, max(8, timing.shape[1])), dtype=np.float32)
+            w.timing.arrays[:, : timing.shape[1]] = timing
+
+
+_HANDLERS = {
+    ev.SessionStart: CacheSage._on_session_start,
+    ev.SessionEnd: CacheSage._on_session_end,
+    ev.AgentStepStart: CacheSage._on_step_start,
+    ev.AgentStepEnd: CacheSage._on_step_end,
+    ev.Handoff: CacheSage._on_handoff,
+    ev.ToolCallStart: CacheSage._on_tool_start,
+    ev.ToolCallEnd: CacheSage._on_tool_end,
+    ev.KvBlocksStored: CacheSage._on_blocks_stored,
+    ev.KvBlocksRemoved: CacheSage._on_blocks_removed,
+    ev.KvAllBlocksCleared: CacheSage._on_all_cleared,
+}

@@ -1,0 +1,210 @@
+"""The policy host: a faust-streaming app that feeds events to a policy and publishes its decisions.
+
+    agentrt worker --policy cachesage [--snapshot-url sqlite:///runs/policy-state.db]
+
+One app (and so one consumer group, ``agentrt-policy-<name>``) per policy: a
+new policy attaches as its own consumer of the same topics, leaving the
+others untouched. The app reads the framework and engine topics (created
+beforehand, co-partitioned by agent key), hands every valid event to the
+policy, acts on the events that change what should be cached (a step
+ending, a tool call, a handoff, a block removed) and on a timer, and
+publishes decisions to the decisions topic keyed by agent.
+
+State: the policy's learned state is written to a changelog-backed faust
+table (keyed by workload) every ``table_every`` events of a workload and on
+the timer, so a restarted worker recovers it from the changelog; it is also
+snapshotted to SQL (SQLAlchemy) on the timer and at shutdown, the fallback
+when the changelog is gone (e.g. the in-memory dev broker restarted).
+Malformed messages go to the dead-letter topic with their reason; events the
+policy cannot use are counted by the policy.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from sqlalchemy import Column, Engine, Float, MetaData, String, Table, Text, create_engine, select
+
+from streams import events as ev
+from streams.config import StreamsConfig
+from streams.consumer import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC
+from streams.events import EventValidationError
+from streams.serde import decode, encode
+from streams.topics import Topics
+
+from .policy import Policy
+
+log = logging.getLogger(__name__)
+
+ACT_ON = (ev.AgentStepEnd, ev.ToolCallStart, ev.Handoff, ev.KvBlocksRemoved, ev.KvAllBlocksCleared)
+
+_snapshots_meta = MetaData()
+snapshots_table = Table(
+    "agentrt_policy_snapshots", _snapshots_meta,
+    Column("policy", String(128), primary_key=True),
+    Column("workload", String(255), primary_key=True),
+    Column("saved_at", Float, nullable=False),
+    Column("state", Text, nullable=False),
+)
+
+
+class SqlSnapshots:
+    """Per-(policy, workload) state snapshots in any SQLAlchemy database."""
+
+    def __init__(self, url: str) -> None:
+        self.engine: Engine = create_engine(url, future=True)
+        _snapshots_meta.create_all(self.engine)
+
+    def save(self, policy: str, states: dict[str, Any]) -> None:
+        now = time.time()
+        with self.engine.begin() as conn:
+            for workload, state in states.items():
+                conn.execute(snapshots_table.delete().where((snapshots_table.c.policy == policy)
+                                                            & (snapshots_table.c.workload == workload)))
+                conn.execute(snapshots_table.insert().values(policy=policy, workload=workload, saved_at=now,
+                                                             state=json.dumps(state)))
+
+    def load(self, policy: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(snapshots_table.c.workload, snapshots_table.c.state)
+                                .where(snapshots_table.c.policy == policy)).all()
+        return {workload: json.loads(state) for workload, state in rows}
+
+
+@dataclass
+class WorkerCounters:
+    events: int = 0
+    dead_letters: int = 0
+    decisions: int = 0
+    acts: int = 0
+
+
+def group_id(policy_name: str, topic_prefix: str = "agentrt") -> str:
+    """The policy's consumer group (and faust app id): one per policy and topic prefix."""
+    return f"{topic_prefix}-policy-{policy_name}"
+
+
+def _learned_summary(policy: Policy, states: dict[str, Any] | None = None) -> dict[str, int]:
+    states = policy.to_state() if states is None else states
+    return {w: int(s.get("model", {}).get("observed", 0)) if isinstance(s, dict) else 0 for w, s in states.items()}
+
+
+def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = None, *,
+              act_interval_s: float = 1.0, table_every: int = 50,
+              on_decision_published=None) -> faust.App:
+    """The faust app hosting ``policy`` (not started)."""
+    topics = Topics.for_prefix(config.topic_prefix)
+    app = faust.App(
+        group_id(policy.name, config.topic_prefix),
+        broker=f"kafka://{config.bootstrap_servers}",
+        store="memory://",
+        topic_partitions=config.partitions,
+        topic_replication_factor=config.replication_factor,
+        topic_allow_declare=True,  # the changelog topic; sources exist already
+        broker_session_timeout=6.0,
+        broker_heartbeat_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        web_enabled=False,
+    )
+    source = app.topic(topics.framework, topics.engine, key_serializer="raw", value_serializer="raw",
+                       partitions=config.partitions)
+    decisions = app.topic(topics.decisions, key_serializer="raw", value_serializer="raw",
+                          partitions=config.partitions)
+    dead_letters = app.topic(topics.dead_letters, key_serializer="raw", value_serializer="raw")
+    state_table = app.Table(f"{policy.name}-state", default=None, partitions=config.partitions)  # JSON codec
+    snapshots = SqlSnapshots(snapshot_url) if snapshot_url else None
+    counters = WorkerCounters()
+    per_workload: Counter[str] = Counter()
+    restored = {"done": False}
+    app.agentrt_counters = counters  # type: ignore[attr-defined]
+    app.agentrt_policy = policy  # type: ignore[attr-defined]
+
+    def restore_once() -> None:
+        # After table recovery: the changelog wins; SQL fills in workloads it lacks.
+        if restored["done"]:
+            return
+        restored["done"] = True
+        states = dict(snapshots.load(policy.name)) if snapshots else {}
+        for workload, state in state_table.items():
+            if state is not None:
+                states[workload] = state
+        if states:
+            policy.load_state(states)
+            log.warning("restored %s state (transitions observed per workload): %s", policy.name,
+                        json.dumps(_learned_summary(policy, states), sort_keys=True))
+
+    async def publish_decisions(workload: str) -> None:
+        counters.acts += 1
+        for decision in policy.act(workload, time.time()):
+            key, value = encode(decision)
+            await decisions.send(key=key, value=value)
+            counters.decisions += 1
+            if on_decision_published is not None:
+                on_decision_published(decision)
+
+    def save_table(workload: str) -> None:
+        state = policy.to_state().get(workload)
+        if state is not None:
+            state_table[workload] = state
+
+    @app.agent(source)
+    async def feed(stream):  # noqa: ANN001 - faust's stream type
+        async for event_msg in stream.events():
+            restore_once()
+            message = event_msg.message
+            try:
+                event = decode(event_msg.key, event_msg.value)
+            except EventValidationError as exc:
+                counters.dead_letters += 1
+                headers = list(message.headers or []) + [
+                    (DLQ_REASON, exc.reason.encode()), (DLQ_SOURCE_TOPIC, message.topic.encode()),
+                    (DLQ_SOURCE_PARTITION, str(message.partition).encode()),
+                    (DLQ_SOURCE_OFFSET, str(message.offset).encode())]
+                await dead_letters.send(key=event_msg.key, value=event_msg.value, headers=headers)
+                continue
+            counters.events += 1
+            policy.observe(event)
+            per_workload[event.workload] += 1
+            if per_workload[event.workload] % table_every == 0:
+                save_table(event.workload)
+            if isinstance(event, ACT_ON):
+                await publish_decisions(event.workload)
+
+    @app.timer(interval=act_interval_s)
+    async def tick() -> None:
+        for workload in policy.workloads():
+            await publish_decisions(workload)
+
+    @app.timer(interval=30.0)
+    async def snapshot() -> None:
+        if snapshots:
+            snapshots.save(policy.name, policy.to_state())
+
+    @app.on_rebalance_complete.connect
+    async def _after_rebalance(sender, **kwargs) -> None:  # noqa: ANN001
+        restore_once()
+
+    @app.on_before_shutdown.connect
+    async def _on_shutdown(sender, **kwargs) -> None:  # noqa: ANN001
+        if snapshots:
+            snapshots.save(policy.name, policy.to_state())
+        log.warning("saved %s state (transitions observed per workload): %s", policy.name,
+                    json.dumps(_learned_summary(policy), sort_keys=True))
+        log.warning("policy worker %s stopped: %s; skipped by policy: %s", policy.name, counters,
+                    dict(policy.skipped))
+
+    return app
+
+
+def run_worker(policy: Policy, config: StreamsConfig, snapshot_url: str | None = None, loglevel: str = "warning",
+               **kwargs: Any) -> None:
+    """Run the host until interrupted (SIGINT/SIGTERM stop it cleanly)."""
+    app = build_app(policy, config, snapshot_url, **kwargs)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()

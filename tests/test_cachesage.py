@@ -1,0 +1,241 @@
+"""CacheSage and its transition model, tested directly (no Kafka)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from streams import events as ev
+from policy_workers.cachesage import CacheSage
+from policy_workers.transitions import TransitionModel
+
+AGENTS = ["planner", "coder", "reviewer", "tester"]
+CHAIN = np.array([[0.0, 0.7, 0.2, 0.1],
+                  [0.1, 0.1, 0.6, 0.2],
+                  [0.5, 0.4, 0.0, 0.1],
+                  [0.8, 0.1, 0.1, 0.0]])
+
+
+def walk(chain: np.ndarray, steps: int, seed: int, start: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    states = [start]
+    for _ in range(steps):
+        states.append(int(rng.choice(len(chain), p=chain[states[-1]])))
+    return states
+
+
+def learned(model: TransitionModel) -> np.ndarray:
+    order = [model.index[a] for a in AGENTS]
+    return model.matrix()[np.ix_(order, order)]
+
+
+@pytest.mark.parametrize("decay, steps, tolerance", [(1.0, 5000, 0.05), (0.995, 5000, 0.12)])
+def test_learned_matrix_converges_on_a_known_chain(decay, steps, tolerance):
+    model = TransitionModel(decay=decay, prior_strength=0.5)
+    states = walk(CHAIN, steps, seed=1)
+    for a, b in zip(states, states[1:]):
+        model.observe(AGENTS[a], AGENTS[b])
+    assert np.abs(learned(model) - CHAIN).max() <= tolerance
+
+
+def test_decay_tracks_a_switched_chain_where_plain_counts_do_not():
+    switched = CHAIN[[1, 2, 3, 0]]  # each agent now behaves like the next one did
+    decayed, plain = TransitionModel(decay=0.97), TransitionModel(decay=1.0)
+    before, after = walk(CHAIN, 3000, seed=2), walk(switched, 600, seed=3)
+    for states in (before, after):
+        for a, b in zip(states, states[1:]):
+            decayed.observe(AGENTS[a], AGENTS[b])
+            plain.observe(AGENTS[a], AGENTS[b])
+    assert np.abs(learned(decayed) - switched).max() <= 0.2
+    assert np.abs(learned(plain) - switched).max() > 0.3
+
+
+def test_unseen_transitions_and_agents_keep_a_nonzero_probability():
+    model = TransitionModel()
+    for _ in range(50):
+        model.observe_call("a"), model.observe_call("b")
+        model.observe("a", "b")
+    model.observe_call("c")
+    row = model.row("a")
+    assert row.sum() == pytest.approx(1.0)
+    assert row[model.index["c"]] > 0 and row[model.index["a"]] > 0
+    assert model.row("never-seen").sum() == pytest.approx(1.0)  # the prior
+    assert model.hitting("never-seen", 3) == {}
+
+
+def test_hitting_probabilities_match_monte_carlo():
+    model = TransitionModel(decay=1.0, prior_strength=1e-6)
+    states = walk(CHAIN, 20000, seed=4)
+    for a, b in zip(states, states[1:]):
+        model.observe(AGENTS[a], AGENTS[b])
+    exact = model.hitting("planner", 3)
+    rng = np.random.default_rng(5)
+    runs = 20000
+    hits = {a: 0 for a in AGENTS}
+    for _ in range(runs):
+        s, seen = 0, set()
+        for _ in range(3):
+            s = int(rng.choice(4, p=CHAIN[s]))
+            seen.add(AGENTS[s])
+        for a in seen:
+            hits[a] += 1
+    for agent in AGENTS:
+        assert exact[agent] == pytest.approx(hits[agent] / runs, abs=0.03), agent
+
+
+def test_state_stays_within_20kb_at_64_agents_and_10mb_at_10k():
+    rng = np.random.default_rng(6)
+    sage = CacheSage()
+    names = [f"agent-{i:02d}" for i in range(64)]
+    for step in range(20000):
+        agent = names[int(rng.integers(64))]
+        sage.observe(ev.AgentStepStart(workload="w64", agent=agent, time=1e9 + step, session=f"s{step // 50}",
+                                       step=step % 50, prefix_fingerprint="f", prefix_tokens=1))
+        sage.observe(ev.AgentStepEnd(workload="w64", agent=agent, time=1e9 + step + 0.5, session=f"s{step // 50}",
+                                     step=step % 50))
+    assert len(sage.workload("w64").model) == 64
+    assert sage.learned_nbytes("w64") <= 20 * 1024
+
+    big = TransitionModel()
+    for step in range(60000):
+        a, b = int(rng.integers(10000)), int(rng.integers(10000))
+        big.observe(f"agent-{a}", f"agent-{b}")
+    assert len(big) == 10000
+    assert big.nbytes() <= 10 * 1024 * 1024
+    assert 0 < sum(big.hitting("agent-1", 2).values())
+
+
+def _run_session(sage: CacheSage, session: str, agents: list[str], start: float, workload: str = "w",
+                 blocks: dict[str, list[str]] | None = None) -> float:
+    t = start
+    for step, agent in enumerate(agents):
+        sage.observe(ev.AgentStepStart(workload=workload, agent=agent, time=t, session=session, step=step,
+                                       prefix_fingerprint="f", prefix_tokens=64))
+        if blocks and agent in blocks:
+            sage.observe(ev.KvBlocksStored(workload=workload, agent=agent, time=t + 0.1, session=session,
+                                           request=f"{session}-{step}", block_hashes=tuple(blocks[agent]),
+                                           block_size=32))
+        sage.observe(ev.AgentStepEnd(workload=workload, agent=agent, time=t + 1.0, session=session, step=step))
+        t += 2.0
+    return t
+
+
+def test_survival_ranks_a_soon_recurring_agent_above_a_rare_one():
+    sage = CacheSage(horizon_s=10.0)
+    # Learn: the planner comes back every other call; the auditor almost never runs.
+    for k in range(30):
+        agents = ["planner", "coder", "planner", "reviewer", "planner", "coder"]
+        if k % 10 == 0:
+            agents.append("auditor")
+        _run_session(sage, f"old-{k}", agents + ["planner"], start=k * 100.0)
+        sage.observe(ev.SessionEnd(workload="w", agent="planner", time=k * 100.0 + 50, session=f"old-{k}"))
+    # A live session where both have cached their own prefix, and the coder has just run.
+    now = _run_session(sage, "live", ["planner", "auditor", "coder"], start=5000.0,
+                       blocks={"planner": ["p1", "p2"], "auditor": ["a1", "a2"]})
+    scores = sage.score("w", now)
+    assert scores["p1"] > scores["a1"] + 0.3
+    assert scores["p2"] == pytest.approx(scores["p1"])
+
+
+def test_a_block_shared_across_sessions_is_worth_more_than_a_private_one():
+    sage = CacheSage(horizon_s=30.0)
+    t = 0.0
+    for k in range(6):  # every session starts with the shared system prompt block "sys"
+        t = _run_session(sage, f"s{k}", ["agent"], start=t, blocks={"agent": ["sys", f"private-{k}"]})
+        sage.observe(ev.SessionEnd(workload="w", agent="agent", time=t, session=f"s{k}"))
+    scores = sage.score("w", t)
+    assert scores["sys"] > 0.5
+    assert scores["private-0"] == 0.0  # its session ended: nobody will reuse it
+
+
+def test_act_emits_valid_idempotent_decisions_pins_and_prefetches():
+    sage = CacheSage(horizon_s=30.0, pin_threshold=0.5, prefetch_threshold=0.5)
+    for k in range(20):
+        _run_session(sage, f"old-{k}", ["planner", "worker"] * 3, start=k * 100.0)
+    now = _run_session(sage, "live", ["planner", "worker"], start=4000.0,
+                       blocks={"planner": ["p1", "p2"], "worker": ["w1"]})
+    sage.observe(ev.ToolCallStart(workload="w", agent="worker", time=now, session="live", tool_name="python"))
+    first = sage.act("w", now)
+    for decision in first:
+        ev.validate(decision)
+    kinds = {type(d).__name__ for d in first}
+    assert {"EvictionScore", "Pin"} <= kinds
+    pin = next(d for d in first if isinstance(d, ev.Pin))
+    assert pin.agent == "planner" and set(pin.block_hashes) == {"p1", "p2"} and pin.ttl_s > 0
+    assert sage.act("w", now + 1) == []  # nothing changed: nothing new to say
+
+    sage.observe(ev.KvBlocksRemoved(workload="w", agent="", time=now + 2, block_hashes=("p1", "p2")))
+    sage.observe(ev.ToolCallEnd(workload="w", agent="worker", time=now + 2, session="live", tool_name="python"))
+    sage.observe(ev.AgentStepStart(workload="w", agent="planner", time=now + 3, session="live", step=2,
+                                   prefix_fingerprint="f", prefix_tokens=64))
+    sage.observe(ev.KvBlocksStored(workload="w", agent="planner", time=now + 3.1, session="live", request="r2",
+                                   block_hashes=("p1", "p2"), block_size=32))
+    sage.observe(ev.AgentStepEnd(workload="w", agent="planner", time=now + 4, session="live", step=2))
+    sage.observe(ev.AgentStepStart(workload="w", agent="worker", time=now + 5, session="live", step=3,
+                                   prefix_fingerprint="f", prefix_tokens=64))
+    sage.observe(ev.AgentStepEnd(workload="w", agent="worker", time=now + 6, session="live", step=3))
+    sage.observe(ev.KvBlocksRemoved(workload="w", agent="", time=now + 6.5, block_hashes=("p1", "p2")))
+    later = sage.act("w", now + 7)
+    prefetch = [d for d in later if isinstance(d, ev.Prefetch)]
+    assert len(prefetch) == 1 and prefetch[0].agent == "planner" and prefetch[0].block_hashes == ("p1", "p2")
+    assert prefetch[0].decision_id == sage._decision_id("prefetch", "w", "planner", "live", 3)
+
+
+def test_unusable_events_are_counted_not_raised():
+    sage = CacheSage()
+    sage.observe(ev.AgentStepStart(workload="w", agent="a", time=1e9, session="s", step=5, prefix_fingerprint="f",
+                                   prefix_tokens=1))
+    sage.observe(ev.AgentStepStart(workload="w", agent="b", time=1e9 + 1, session="s", step=5,  # duplicate
+                                   prefix_fingerprint="f", prefix_tokens=1))
+    sage.observe(ev.AgentStepStart(workload="w", agent="a", time=1e9, prefix_fingerprint="f", prefix_tokens=1))
+    sage.observe(ev.AgentStepEnd(workload="w", agent="zzz", time=1e9 + 2, session="s", step=5))
+    sage.observe(ev.RequestQueued(workload="w", agent="a", time=1e9, prompt_tokens=3))
+    assert sage.skipped == {"duplicate_or_stale_step": 1, "missing_session": 1, "step_end_without_start": 1,
+                            "unused:request_queued": 1}
+
+
+def test_sessions_that_never_end_expire():
+    sage = CacheSage(session_idle_expiry_s=60.0)
+    _run_session(sage, "forgotten", ["a", "b"], start=1e9)
+    assert len(sage.predict("w", 1e9 + 10)) == 1
+    assert sage.predict("w", 1e9 + 1000) == []
+
+
+def test_state_round_trips_through_json():
+    sage = CacheSage()
+    for k in range(5):
+        _run_session(sage, f"s{k}", ["planner", "coder", "reviewer"], start=k * 50.0)
+    restored = CacheSage()
+    restored.load_state(json.loads(json.dumps(sage.to_state())))
+    a, b = sage.workload("w").model, restored.workload("w").model
+    assert np.allclose(a.matrix(), b.matrix())
+    assert np.allclose(sage.workload("w").timing.arrays[:, :3], restored.workload("w").timing.arrays[:, :3])
+
+
+def test_transitions_do_not_depend_on_arrival_order_across_agents():
+    """Agent-keyed partitions interleave one session's agents arbitrarily; steps restore the order."""
+    order = ["planner", "coder", "reviewer", "coder", "planner", "tester"]
+    events = []
+    for step, agent in enumerate(order):
+        events.append(ev.AgentStepStart(workload="w", agent=agent, time=1e9 + step, session="s", step=step,
+                                        prefix_fingerprint="f", prefix_tokens=1))
+        events.append(ev.AgentStepEnd(workload="w", agent=agent, time=1e9 + step + 0.5, session="s", step=step))
+    in_order, shuffled = CacheSage(), CacheSage()
+    for event in events:
+        in_order.observe(event)
+    by_agent: dict[str, list] = {}
+    for event in events:  # per-agent order kept, agents interleaved differently
+        by_agent.setdefault(event.agent, []).append(event)
+    for agent in ["tester", "reviewer", "planner", "coder"]:
+        for event in by_agent[agent]:
+            shuffled.observe(event)
+    a, b = in_order.workload("w").model, shuffled.workload("w").model
+    assert a.observed == b.observed == len(order) - 1
+    names = sorted(a.names)
+    pa = a.matrix()[np.ix_([a.index[n] for n in names], [a.index[n] for n in names])]
+    pb = b.matrix()[np.ix_([b.index[n] for n in names], [b.index[n] for n in names])]
+    # Identical transition counts; only the prior's decayed call frequencies depend on arrival order.
+    assert np.allclose(pa, pb, atol=0.05)
+    assert (pa.argmax(axis=1) == pb.argmax(axis=1)).all()
+    assert shuffled.skipped == {}

@@ -1,0 +1,148 @@
+"""The faust policy host against the real embedded broker."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from framework_emitter.replayer import publish_framework_events
+from framework_emitter.sdk import AgentEventEmitter
+from framework_emitter.traces import read_trace, sessions
+from streams import events as ev
+from streams.admin import group_lag
+from streams.keys import encode_key
+from streams.producer import EventProducer
+from streams.serde import decode
+
+PLUGIN_DIR = Path(__file__).parent / "plugin"
+
+
+def _worker(config, policy: str, snapshot: Path, log: Path, extra_path: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "AGENTRT_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+           "AGENTRT_TOPIC_PREFIX": config.topic_prefix, "AGENTRT_PARTITIONS": str(config.partitions)}
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, "-m", "agentrt.cli", "worker", "--policy", policy,
+                             "--snapshot-url", f"sqlite:///{snapshot}"],
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _publish_trace(config, topics, n_sessions: int = 4) -> None:
+    chosen = dict(list(sessions(read_trace("chatdev")).items())[:n_sessions])
+    with EventProducer(config, topics) as producer:
+        publish_framework_events(AgentEventEmitter(producer, "chatdev"), chosen)
+        now = time.time()
+        for k, (session, calls) in enumerate(chosen.items()):  # what the engine would report
+            for call in calls:
+                producer.publish(ev.KvBlocksStored(workload="chatdev", agent=call.agent, session=session, time=now,
+                                                   request=f"{session}-{call.seq}", block_size=32,
+                                                   block_hashes=(f"{call.agent}-sys", f"{session}-{call.seq}")))
+        producer.publish_raw(topics.engine, encode_key("chatdev", "x"), b"{broken")
+        producer.flush()
+
+
+def _decisions(config, topics, until, timeout_s: float = 60.0) -> list[tuple[bytes, ev.Event]]:
+    consumer = Consumer({"bootstrap.servers": config.bootstrap_servers, "group.id": "check", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topics.decisions, p, 0) for p in range(config.partitions)])
+    got, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not until(got):
+        msg = consumer.poll(0.3)
+        if msg is not None and not msg.error():
+            got.append((msg.key(), decode(msg.key(), msg.value())))
+    consumer.close()
+    return got
+
+
+def _wait_until_caught_up(config, topics, group: str, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = group_lag(config.bootstrap_servers, group, [topics.framework, topics.engine])
+        if rows and sum(r.lag for r in rows) == 0:
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"{group} did not catch up: {rows}")
+
+
+def _logged_state(log: Path, verb: str) -> dict:
+    import json
+
+    found = re.findall(rf"{verb} cachesage state \(transitions observed per workload\): (\{{.*\}})", log.read_text())
+    return json.loads(found[-1]) if found else {}
+
+
+def test_events_in_decisions_out_and_a_restart_recovers_learned_state(config, topics, tmp_path):
+    snapshot, log = tmp_path / "state.db", tmp_path / "worker.log"
+    worker = _worker(config, "cachesage", snapshot, log)
+    try:
+        _publish_trace(config, topics)
+        _wait_until_caught_up(config, topics, f"{config.topic_prefix}-policy-cachesage")
+        got = _decisions(config, topics, lambda got: any(isinstance(d, ev.Pin) for _, d in got)
+                         and any(isinstance(d, ev.EvictionScore) for _, d in got))
+    finally:
+        _stop(worker)
+    assert got, log.read_text()[-3000:]
+    for key, decision in got:
+        assert key == encode_key(decision.workload, decision.agent)  # keyed by agent
+        assert decision.policy == "cachesage" and decision.expires_at > decision.time
+    saved = _logged_state(log, "saved")
+    assert saved.get("chatdev", 0) > 50, log.read_text()[-3000:]
+
+    # Restart without the SQL snapshot: state must come back from the table's changelog.
+    snapshot.unlink()
+    worker = _worker(config, "cachesage", snapshot, log)
+    try:
+        with EventProducer(config, topics) as producer:  # one more event makes the worker process
+            producer.publish(ev.SessionStart(workload="chatdev", agent="Programmer", time=time.time(), session="new"))
+            producer.flush()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _logged_state(log, "restored"):
+            time.sleep(0.5)
+    finally:
+        _stop(worker)
+    restored = _logged_state(log, "restored")
+    # The table is written every 50 events of a workload: at most that much learning is lost.
+    assert 0 < saved["chatdev"] - restored.get("chatdev", -10_000) <= 50 or restored == saved, (saved, restored)
+    text = log.read_text()
+    assert "dead_letters=1" in text
+
+
+def test_a_policy_installed_through_an_entry_point_runs_as_its_own_consumer_group(config, topics, tmp_path):
+    dist = tmp_path / "agentrt_counter_policy-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: agentrt-counter-policy\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[agentrt.policies]\ncallcounter = agentrt_counter_policy:CallCounter\n")
+    (tmp_path / "agentrt_counter_policy.py").write_text((PLUGIN_DIR / "agentrt_counter_policy.py").read_text())
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    listed = subprocess.run([sys.executable, "-m", "agentrt.cli", "worker", "--list"], capture_output=True,
+                            text=True, env=env)
+    assert "callcounter\tagentrt_counter_policy:CallCounter" in listed.stdout, listed.stderr
+
+    workers = [_worker(config, "cachesage", tmp_path / "a.db", tmp_path / "a.log"),
+               _worker(config, "callcounter", tmp_path / "b.db", tmp_path / "b.log", extra_path=tmp_path)]
+    try:
+        _publish_trace(config, topics, n_sessions=2)
+        got = _decisions(config, topics, lambda got: {d.policy for _, d in got} >= {"cachesage", "callcounter"})
+        for name in ("cachesage", "callcounter"):  # each group consumed the same topics independently
+            _wait_until_caught_up(config, topics, f"{config.topic_prefix}-policy-{name}")
+    finally:
+        for worker in workers:
+            _stop(worker)
+    assert {d.policy for _, d in got} >= {"cachesage", "callcounter"}, (tmp_path / "b.log").read_text()[-2000:]
+    for name in ("cachesage", "callcounter"):
+        rows = group_lag(config.bootstrap_servers, f"{config.topic_prefix}-policy-{name}", [topics.framework])
+        assert sum(r.committed or 0 for r in rows) == sum(r.log_end for r in rows) > 0
