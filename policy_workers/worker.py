@@ -32,7 +32,7 @@ from sqlalchemy import Column, Engine, Float, MetaData, String, Table, Text, cre
 
 from streams import events as ev
 from streams.config import StreamsConfig
-from streams.consumer import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC
+from streams.consumer import dead_letter_headers
 from streams.events import EventValidationError
 from streams.serde import decode, encode
 from streams.topics import Topics
@@ -162,10 +162,8 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
                 event = decode(event_msg.key, event_msg.value)
             except EventValidationError as exc:
                 counters.dead_letters += 1
-                headers = list(message.headers or []) + [
-                    (DLQ_REASON, exc.reason.encode()), (DLQ_SOURCE_TOPIC, message.topic.encode()),
-                    (DLQ_SOURCE_PARTITION, str(message.partition).encode()),
-                    (DLQ_SOURCE_OFFSET, str(message.offset).encode())]
+                headers = dead_letter_headers(message.headers, exc.reason, message.topic, message.partition,
+                                              message.offset)
                 await dead_letters.send(key=event_msg.key, value=event_msg.value, headers=headers)
                 continue
             counters.events += 1

@@ -49,15 +49,20 @@ class DeadLetterCounters:
     routing_failed: int = 0
 
 
+def dead_letter_headers(original: list | None, reason: str, topic: str, partition: int,
+                        offset: int) -> list[tuple[str, bytes]]:
+    """The original headers plus why and where a dead-lettered message came from."""
+    return list(original or []) + [
+        (DLQ_REASON, reason.encode()),
+        (DLQ_SOURCE_TOPIC, topic.encode()),
+        (DLQ_SOURCE_PARTITION, str(partition).encode()),
+        (DLQ_SOURCE_OFFSET, str(offset).encode()),
+    ]
+
+
 def dead_letter(producer: EventProducer, dlq_topic: str, msg: Message, reason: str) -> bool:
     """Copy ``msg`` unchanged to ``dlq_topic`` with why and where it came from."""
-    headers = list(msg.headers() or [])
-    headers += [
-        (DLQ_REASON, reason.encode()),
-        (DLQ_SOURCE_TOPIC, (msg.topic() or "").encode()),
-        (DLQ_SOURCE_PARTITION, str(msg.partition()).encode()),
-        (DLQ_SOURCE_OFFSET, str(msg.offset()).encode()),
-    ]
+    headers = dead_letter_headers(msg.headers(), reason, msg.topic() or "", msg.partition(), msg.offset())
     return producer.publish_raw(dlq_topic, msg.key(), msg.value(), headers=headers)
 
 
