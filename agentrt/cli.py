@@ -163,7 +163,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     print(f"policy worker {policy.name}: consumer group {group_id(policy.name, config.topic_prefix)} on {config.bootstrap_servers}",
           flush=True)
-    run_worker(policy, config, args.snapshot_url, loglevel="info" if args.verbose else "warning")
+    run_worker(policy, config, args.snapshot_url, loglevel="info" if args.verbose else "warning",
+               stats_file=args.stats_file)
     return 0
 
 
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="cachesage", help="entry-point name in agentrt.policies, or module:Class")
     p.add_argument("--snapshot-url", default="sqlite:///agentrt-policy-state.db",
                    help="SQLAlchemy URL for state snapshots (default: %(default)s)")
+    p.add_argument("--stats-file", help="write counters and decision latency as JSON here at shutdown")
     p.add_argument("--list", action="store_true", help="list installed policies")
     p.set_defaults(func=cmd_worker)
 

@@ -43,7 +43,8 @@ def publish_framework_events(emitter: AgentEventEmitter, sessions: dict[str, lis
                 sent(emitter.handoff(session, previous.agent, call.agent, step=call.seq, at=at))
             prefix = call.segments[:-1] or call.segments
             sent(emitter.step_start(session, call.agent, call.seq, prefix_fingerprint(s for s, _ in prefix),
-                                    sum(n for _, n in prefix), prompt_tokens=call.prompt_tokens, at=at))
+                                    sum(n for _, n in prefix), prompt_tokens=call.prompt_tokens,
+                                    previous_agent=previous.agent if previous else None, at=at))
             sent(emitter.step_end(session, call.agent, call.seq, output_tokens=call.output_tokens, at=at + 0.5))
             previous = call
             out.calls += 1

@@ -41,10 +41,13 @@ class AgentEventEmitter:
 
     def step_start(self, session: str, agent: str, step: int, prefix_fingerprint: str, prefix_tokens: int,
                    prompt_tokens: int | None = None, request: str | None = None, model: str | None = None,
-                   at: float | None = None) -> bool:
+                   previous_agent: str | None = None, at: float | None = None) -> bool:
+        """An agent's step begins. Pass ``previous_agent`` (who ran the session's previous step)
+        whenever the framework knows it: policies then learn transitions without relying on
+        the order events of different agents arrive in."""
         return self._publish(ev.AgentStepStart, agent, at, session=session, step=step, request=request,
                              prefix_fingerprint=prefix_fingerprint, prefix_tokens=prefix_tokens,
-                             prompt_tokens=prompt_tokens, model=model)
+                             prompt_tokens=prompt_tokens, model=model, previous_agent=previous_agent)
 
     def step_end(self, session: str, agent: str, step: int, output_tokens: int | None = None,
                  duration_s: float | None = None, request: str | None = None, at: float | None = None) -> bool:

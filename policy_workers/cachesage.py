@@ -27,7 +27,7 @@ import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -59,6 +59,7 @@ class _Step:
     agent: str
     started: float
     ended: float | None = None
+    learned_in: bool = False  # the transition into this step was learned from its own event
 
 
 @dataclass
@@ -70,12 +71,14 @@ class _Session:
     the step number, not arrival, orders them.
     """
 
-    steps: OrderedDict = field(default_factory=OrderedDict)  # step -> _Step, bounded
+    steps: OrderedDict = field(default_factory=OrderedDict)  # step -> _Step, the latest MAX_STEPS_KEPT
+    seen: set = field(default_factory=set)  # every step number observed (duplicate detection)
     latest: int = -1
     last_seen: float = 0.0
     in_tool: bool = False
     handoff_to: str | None = None
     acted_step: tuple[int | None, str] | None = None  # (step, agent) last pinned/prefetched for
+    ended: bool = False  # kept until idle expiry so re-read events are recognised as duplicates
 
     @property
     def agent(self) -> str | None:
@@ -92,7 +95,8 @@ class _Session:
         return current.ended if current else None
 
 
-MAX_STEPS_KEPT = 16
+MAX_STEPS_KEPT = 64
+MAX_STEPS_SEEN = 4096
 
 
 @dataclass
@@ -195,23 +199,38 @@ class CacheSage(Policy):
         self._session(w, event)
 
     def _on_session_end(self, w: _Workload, event: ev.SessionEnd) -> None:
-        w.sessions.pop(event.session, None)
+        session = self._session(w, event)
+        session.ended, session.in_tool, session.handoff_to = True, False, None
+        session.steps.clear()
+        for key in [k for k in w.prefix_of if k[1] == event.session]:
+            del w.prefix_of[key]
 
     def _on_step_start(self, w: _Workload, event: ev.AgentStepStart) -> None:
         session = self._session(w, event)
         step = event.step if event.step is not None else session.latest + 1
-        if step in session.steps or step <= session.latest - MAX_STEPS_KEPT:
-            self.skip("duplicate_or_stale_step")
+        if step in session.seen or len(session.seen) >= MAX_STEPS_SEEN:
+            self.skip("duplicate_step")  # e.g. re-read after a restart
             return
+        session.seen.add(step)
         i = w.model.observe_call(event.agent)
         w.timing.count_call(i, event.time, self.config.rate_window_s)
-        session.steps[step] = _Step(event.agent, event.time)
+        if step <= session.latest - MAX_STEPS_KEPT:  # far behind its session's other agents
+            if event.previous_agent is not None:
+                w.model.observe(event.previous_agent, event.agent)
+            elif step > 0:  # a first step has no transition into it
+                self.skip("transition_lost_without_previous_agent")
+            return
+        session.steps[step] = _Step(event.agent, event.time, learned_in=event.previous_agent is not None)
         before, after = session.steps.get(step - 1), session.steps.get(step + 1)
-        if before is not None:  # learn each transition once, whichever of its two steps arrives last
+        # Learn each transition exactly once: from the event's own previous_agent when the
+        # framework sent it; otherwise when the second of the two consecutive steps arrives.
+        if event.previous_agent is not None:
+            w.model.observe(event.previous_agent, event.agent)
+        elif before is not None:
             w.model.observe(before.agent, event.agent)
-            if before.ended is not None:
-                w.timing.update(GAP_S, i, max(event.time - before.ended, 0.0))
-        if after is not None:
+        if before is not None and before.ended is not None:
+            w.timing.update(GAP_S, i, max(event.time - before.ended, 0.0))
+        if after is not None and not after.learned_in:
             w.model.observe(event.agent, after.agent)
         if step > session.latest:
             session.latest = step
@@ -224,7 +243,7 @@ class CacheSage(Policy):
         step = event.step if event.step is not None else session.latest
         current = session.steps.get(step)
         if current is None or current.agent != event.agent:
-            self.skip("step_end_without_start")
+            self.skip("duplicate_step_end" if step in session.seen and current is None else "step_end_without_start")
             return
         current.ended = event.time
         duration = event.duration_s if event.duration_s is not None else event.time - current.started
@@ -318,7 +337,7 @@ class CacheSage(Policy):
         self._expire_sessions(w, now)
         steps = steps_within(self.config.horizon_s, self._mean_cycle_s(w))
         cache: dict = {}
-        return {s: self._session_hits(w, st, steps, cache) for s, st in w.sessions.items()}
+        return {s: self._session_hits(w, st, steps, cache) for s, st in w.sessions.items() if not st.ended}
 
     def _next_agent(self, w: _Workload, session: _Session) -> tuple[str, float] | None:
         if session.handoff_to:
@@ -336,6 +355,8 @@ class CacheSage(Policy):
         self._expire_sessions(w, now)
         out = []
         for name, session in w.sessions.items():
+            if session.ended:
+                continue
             nxt = self._next_agent(w, session)
             if nxt is None:
                 continue
@@ -421,6 +442,8 @@ class CacheSage(Policy):
         cfg = self.config
         out: list[ev.Decision] = []
         for name, session in w.sessions.items():
+            if session.ended:
+                continue
             waiting = session.in_tool or session.step_ended is not None or session.handoff_to is not None
             nxt = self._next_agent(w, session)
             if not waiting or nxt is None:
@@ -460,18 +483,46 @@ class CacheSage(Policy):
         w = self._workloads.get(workload)
         return w.learned_nbytes() if w else 0
 
-    def to_state(self) -> dict[str, Any]:
-        return {name: {"model": w.model.to_state(),
-                       "timing": w.timing.arrays[:, : len(w.model)].tolist()}
-                for name, w in self._workloads.items()}
+    def to_state(self, workloads: Iterable[str] | None = None) -> dict[str, Any]:
+        """Learned state: transitions, timing, and the active sessions' recent steps.
+
+        Sessions are kept so a restarted worker still learns the transition
+        between a step before the snapshot and the next one after it. The
+        block index is not: it mirrors the engine's cache and is rebuilt from
+        its KV events.
+        """
+        names = self._workloads if workloads is None else [w for w in workloads if w in self._workloads]
+        return {name: self._workload_state(self._workloads[name]) for name in names}
+
+    @staticmethod
+    def _workload_state(w: _Workload) -> dict[str, Any]:
+        sessions = {
+            name: {"latest": st.latest, "last_seen": st.last_seen, "in_tool": st.in_tool, "seen": sorted(st.seen),
+                   "ended": st.ended,
+                   "handoff_to": st.handoff_to,
+                   "steps": [[k, s.agent, s.started, s.ended, s.learned_in] for k, s in st.steps.items()],
+                   "prefixes": {agent: [request, hashes] for (agent, sess), (request, hashes) in w.prefix_of.items()
+                                if sess == name}}
+            for name, st in w.sessions.items()
+        }
+        return {"model": w.model.to_state(), "timing": w.timing.arrays[:, : len(w.model)].tolist(),
+                "sessions": sessions}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         for name, saved in state.items():
-            w = self.workload(name)
+            w = self._workloads[name] = _Workload(self.config)
             w.model = TransitionModel.from_state(saved["model"])
             timing = np.asarray(saved["timing"], dtype=np.float32).reshape(4, -1)
             w.timing.arrays = np.zeros((4, max(8, timing.shape[1])), dtype=np.float32)
             w.timing.arrays[:, : timing.shape[1]] = timing
+            for session_name, st in saved.get("sessions", {}).items():
+                session = w.sessions[session_name] = _Session(
+                    latest=st["latest"], last_seen=st["last_seen"], in_tool=st["in_tool"], handoff_to=st["handoff_to"],
+                    seen=set(st["seen"]), ended=st["ended"])
+                for step, agent, started, ended, learned_in in st["steps"]:
+                    session.steps[int(step)] = _Step(agent, started, ended, learned_in)
+                for agent, (request, hashes) in st.get("prefixes", {}).items():
+                    w.prefix_of[(agent, session_name)] = (request, list(hashes))
 
 
 _HANDLERS = {

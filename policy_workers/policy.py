@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 from streams.events import Decision, Event
 
@@ -66,12 +66,12 @@ class Policy(ABC):
         """Workloads the policy has state for."""
         return []
 
-    def to_state(self) -> dict[str, Any]:
-        """A JSON-ready snapshot of learned state (for SQL snapshots and tables)."""
+    def to_state(self, workloads: Iterable[str] | None = None) -> dict[str, Any]:
+        """A JSON-ready snapshot of learned state by workload (all, or just ``workloads``)."""
         return {}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`to_state` returned."""
+        """Restore what :meth:`to_state` returned (workloads not mentioned are left as they are)."""
 
 
 def discover_policies() -> dict[str, type[Policy]]:

@@ -11,19 +11,21 @@ ending, a tool call, a handoff, a block removed) and on a timer, and
 publishes decisions to the decisions topic keyed by agent.
 
 State: the policy's learned state is written to a changelog-backed faust
-table (keyed by workload) every ``table_every`` events of a workload and on
-the timer, so a restarted worker recovers it from the changelog; it is also
-snapshotted to SQL (SQLAlchemy) on the timer and at shutdown, the fallback
-when the changelog is gone (e.g. the in-memory dev broker restarted).
+table (keyed by workload) after each batch and before the batch's offsets are
+acked, so a restarted worker recovers it from the changelog and resumes right
+after it; it is also snapshotted to SQL (SQLAlchemy) every 30 s and at
+shutdown, the fallback when the changelog is gone (e.g. the in-memory dev
+broker restarted).
 Malformed messages go to the dead-letter topic with their reason; events the
 policy cannot use are counted by the policy.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ import faust
 from sqlalchemy import Column, Engine, Float, MetaData, String, Table, Text, create_engine, select
 
 from streams import events as ev
+from streams.admin import latest_values
 from streams.config import StreamsConfig
 from streams.consumer import dead_letter_headers
 from streams.events import EventValidationError
@@ -82,6 +85,31 @@ class WorkerCounters:
     dead_letters: int = 0
     decisions: int = 0
     acts: int = 0
+    batches: int = 0
+
+
+class LatencyReservoir:
+    """Event-in to decision-published latencies (seconds), a bounded uniform sample."""
+
+    def __init__(self, size: int = 20_000, seed: int = 0) -> None:
+        self.size, self.seen, self.sample = size, 0, []
+        self._rng = random.Random(seed)
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        if len(self.sample) < self.size:
+            self.sample.append(value)
+        else:
+            j = self._rng.randrange(self.seen)
+            if j < self.size:
+                self.sample[j] = value
+
+    def percentiles(self) -> dict[str, float]:
+        if not self.sample:
+            return {}
+        ordered = sorted(self.sample)
+        pick = lambda q: ordered[min(int(q * len(ordered)), len(ordered) - 1)] * 1000  # noqa: E731
+        return {"p50_ms": pick(0.50), "p99_ms": pick(0.99), "max_ms": ordered[-1] * 1000, "n": self.seen}
 
 
 def group_id(policy_name: str, topic_prefix: str = "agentrt") -> str:
@@ -95,9 +123,17 @@ def _learned_summary(policy: Policy, states: dict[str, Any] | None = None) -> di
 
 
 def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = None, *,
-              act_interval_s: float = 1.0, table_every: int = 50,
-              on_decision_published=None) -> faust.App:
-    """The faust app hosting ``policy`` (not started)."""
+              act_interval_s: float = 1.0, batch_max: int = 500, batch_within_s: float = 0.01,
+              stats_file: str | None = None) -> faust.App:
+    """The faust app hosting ``policy`` (not started).
+
+    Events are handled in batches (up to ``batch_max``, or what arrived within
+    ``batch_within_s``): observe each, write the touched workloads' learned
+    state to the changelog-backed table, act once per workload that saw a
+    triggering event, and only then ack the batch. Committed offsets never run
+    ahead of the saved state, so a killed worker resumes exactly where its
+    state stops (a replayed duplicate step is recognised and skipped).
+    """
     topics = Topics.for_prefix(config.topic_prefix)
     app = faust.App(
         group_id(policy.name, config.topic_prefix),
@@ -117,62 +153,74 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
     decisions = app.topic(topics.decisions, key_serializer="raw", value_serializer="raw",
                           partitions=config.partitions)
     dead_letters = app.topic(topics.dead_letters, key_serializer="raw", value_serializer="raw")
-    state_table = app.Table(f"{policy.name}-state", default=None, partitions=config.partitions)  # JSON codec
+    # Written once per batch rather than per event, so the changelog partition comes from the key
+    # (use_partitioner) instead of the event in hand. JSON codec.
+    state_table = app.Table(f"{policy.name}-state", default=None, partitions=config.partitions,
+                            use_partitioner=True)
     snapshots = SqlSnapshots(snapshot_url) if snapshot_url else None
     counters = WorkerCounters()
-    per_workload: Counter[str] = Counter()
+    latency = LatencyReservoir()
     restored = {"done": False}
     app.agentrt_counters = counters  # type: ignore[attr-defined]
     app.agentrt_policy = policy  # type: ignore[attr-defined]
 
-    def restore_once() -> None:
-        # After table recovery: the changelog wins; SQL fills in workloads it lacks.
+    def read_changelog() -> dict[str, Any]:
+        # Read the changelog directly, to its true end: faust's own table recovery stops at
+        # the offset ListOffsets reports, which the embedded broker gets wrong (docs/streams.md).
+        raw = latest_values(config.bootstrap_servers, state_table.changelog_topic.get_topic_name())
+        return {json.loads(k): json.loads(v) for k, v in raw.items() if k is not None}
+
+    async def restore_once() -> None:
+        # Once, before the first batch: the changelog wins; SQL fills in workloads it lacks.
         if restored["done"]:
             return
         restored["done"] = True
         states = dict(snapshots.load(policy.name)) if snapshots else {}
-        for workload, state in state_table.items():
-            if state is not None:
-                states[workload] = state
+        changelog = await asyncio.get_running_loop().run_in_executor(None, read_changelog)
+        states.update({w: st for w, st in changelog.items() if st is not None})
         if states:
             policy.load_state(states)
-            log.warning("restored %s state (transitions observed per workload): %s", policy.name,
-                        json.dumps(_learned_summary(policy, states), sort_keys=True))
+        log.warning("restored %s state (transitions observed per workload): %s", policy.name,
+                    json.dumps(_learned_summary(policy, states), sort_keys=True))
 
-    async def publish_decisions(workload: str) -> None:
+    async def publish_decisions(workload: str, triggered_at: float | None = None) -> None:
         counters.acts += 1
         for decision in policy.act(workload, time.time()):
             key, value = encode(decision)
             await decisions.send(key=key, value=value)
             counters.decisions += 1
-            if on_decision_published is not None:
-                on_decision_published(decision)
-
-    def save_table(workload: str) -> None:
-        state = policy.to_state().get(workload)
-        if state is not None:
-            state_table[workload] = state
+            if triggered_at is not None:
+                latency.add(time.time() - triggered_at)
 
     @app.agent(source)
     async def feed(stream):  # noqa: ANN001 - faust's stream type
-        async for event_msg in stream.events():
-            restore_once()
-            message = event_msg.message
-            try:
-                event = decode(event_msg.key, event_msg.value)
-            except EventValidationError as exc:
-                counters.dead_letters += 1
-                headers = dead_letter_headers(message.headers, exc.reason, message.topic, message.partition,
-                                              message.offset)
-                await dead_letters.send(key=event_msg.key, value=event_msg.value, headers=headers)
-                continue
-            counters.events += 1
-            policy.observe(event)
-            per_workload[event.workload] += 1
-            if per_workload[event.workload] % table_every == 0:
-                save_table(event.workload)
-            if isinstance(event, ACT_ON):
-                await publish_decisions(event.workload)
+        async for batch in stream.take_events(batch_max, within=batch_within_s):
+            await restore_once()
+            counters.batches += 1
+            touched: set[str] = set()
+            triggered: dict[str, float] = {}  # workload -> Kafka timestamp of its latest triggering event
+            for event_msg in batch:
+                message = event_msg.message
+                try:
+                    event = decode(event_msg.key, event_msg.value)
+                    policy.observe(event)
+                except Exception as exc:  # the batch is acked regardless: park what failed, with why
+                    reason = exc.reason if isinstance(exc, EventValidationError) else f"policy error: {exc!r}"
+                    if not isinstance(exc, EventValidationError):
+                        log.exception("policy %s failed on an event; dead-lettered", policy.name)
+                    counters.dead_letters += 1
+                    headers = dead_letter_headers(message.headers, reason, message.topic, message.partition,
+                                                  message.offset)
+                    await dead_letters.send(key=event_msg.key, value=event_msg.value, headers=headers)
+                    continue
+                counters.events += 1
+                touched.add(event.workload)
+                if isinstance(event, ACT_ON):
+                    triggered[event.workload] = max(triggered.get(event.workload, 0.0), message.timestamp or 0.0)
+            for workload, state in policy.to_state(touched).items():
+                state_table[workload] = state  # before the batch is acked
+            for workload, at in triggered.items():
+                await publish_decisions(workload, at or None)
 
     @app.timer(interval=act_interval_s)
     async def tick() -> None:
@@ -184,18 +232,19 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
         if snapshots:
             snapshots.save(policy.name, policy.to_state())
 
-    @app.on_rebalance_complete.connect
-    async def _after_rebalance(sender, **kwargs) -> None:  # noqa: ANN001
-        restore_once()
-
     @app.on_before_shutdown.connect
     async def _on_shutdown(sender, **kwargs) -> None:  # noqa: ANN001
         if snapshots:
             snapshots.save(policy.name, policy.to_state())
+        stats = {"policy": policy.name, **counters.__dict__, "skipped": dict(policy.skipped),
+                 "decision_latency": latency.percentiles(),
+                 "learned_bytes": {w: getattr(policy, "learned_nbytes", lambda _: 0)(w) for w in policy.workloads()}}
+        if stats_file:
+            with open(stats_file, "w") as out:
+                json.dump(stats, out)
         log.warning("saved %s state (transitions observed per workload): %s", policy.name,
                     json.dumps(_learned_summary(policy), sort_keys=True))
-        log.warning("policy worker %s stopped: %s; skipped by policy: %s", policy.name, counters,
-                    dict(policy.skipped))
+        log.warning("policy worker %s stopped: %s", policy.name, json.dumps(stats))
 
     return app
 

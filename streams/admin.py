@@ -130,3 +130,40 @@ def group_lag(bootstrap: str, group: str, topics: Iterable[str] | None = None, t
             committed[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else None
     ends = log_end_offsets(bootstrap, [TopicPartition(t, p) for t, p in committed], timeout_s)
     return [PartitionLag(group, t, p, committed[(t, p)], ends[(t, p)]) for t, p in sorted(committed)]
+
+
+def latest_values(bootstrap: str, topic: str, timeout_s: float = 15.0) -> dict[bytes, bytes]:
+    """The last value of every key in ``topic`` (a compacted view), read up to the true log end.
+
+    For changelog recovery on brokers whose ListOffsets is off (see the module
+    note): readers that stop at the listed offset miss the tail of the last batch.
+    """
+    admin = require_broker(bootstrap, timeout_s)
+    metadata = admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if metadata is None or metadata.error is not None:
+        return {}
+    ends = log_end_offsets(bootstrap, [TopicPartition(topic, p) for p in metadata.partitions], timeout_s)
+    remaining = {p for (_, p), end in ends.items() if end > 0}
+    values: dict[bytes, bytes] = {}
+    if not remaining:
+        return values
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "agentrt-latest-values",
+                         "enable.auto.commit": False, "logger": librdkafka_logger()})
+    try:
+        consumer.assign([TopicPartition(topic, p, 0) for p in remaining])
+        deadline = time.monotonic() + timeout_s
+        while remaining and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            if msg.value() is None:
+                values.pop(msg.key(), None)  # a tombstone
+            else:
+                values[msg.key()] = msg.value()
+            if msg.offset() + 1 >= ends[(topic, msg.partition())]:
+                remaining.discard(msg.partition())
+        if remaining:
+            raise TimeoutError(f"reading {topic} stalled with partitions {sorted(remaining)} unfinished")
+    finally:
+        consumer.close()
+    return values

@@ -54,6 +54,7 @@ WIRE_NAMES: dict[str, str] = {
     "output_tokens": "gen_ai.usage.output_tokens",
     "status": "agentrt.status",
     "to_agent": "agentrt.handoff.to_agent",
+    "previous_agent": "agentrt.step.previous_agent",
     "tool_name": "gen_ai.tool.name",
     "tool_call_id": "gen_ai.tool.call.id",
     "duration_s": "agentrt.duration_s",
@@ -150,13 +151,19 @@ class SessionEnd(FrameworkEvent):
 @register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentStepStart(FrameworkEvent):
-    """An agent is about to call the LLM; its prompt prefix is fingerprinted."""
+    """An agent is about to call the LLM; its prompt prefix is fingerprinted.
+
+    ``previous_agent`` is the agent of the session's previous step: with it a
+    consumer learns the transition from this one event, whatever order the
+    session's other agents' events (on other partitions) arrive in.
+    """
 
     type_name: ClassVar[str] = "agent_step_start"
     prefix_fingerprint: str
     prefix_tokens: int
     prompt_tokens: int | None = None
     model: str | None = None
+    previous_agent: str | None = None
 
 
 @register

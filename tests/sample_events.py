@@ -13,7 +13,8 @@ def every_event_type(workload: str = "chatdev", agent: str = "Programmer") -> li
     samples = [
         ev.SessionStart(**common),
         ev.SessionEnd(**common, status="completed"),
-        ev.AgentStepStart(**common, prefix_fingerprint="f00d", prefix_tokens=2255, prompt_tokens=2505, model="llama"),
+        ev.AgentStepStart(**common, prefix_fingerprint="f00d", prefix_tokens=2255, prompt_tokens=2505, model="llama",
+                           previous_agent="Code Reviewer"),
         ev.AgentStepEnd(**common, output_tokens=4, duration_s=1.5, status="ok"),
         ev.Handoff(**common, to_agent="Code Reviewer"),
         ev.ToolCallStart(**common, tool_name="python", tool_call_id="call-1"),
