@@ -20,7 +20,7 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/agentrt bench
+	$(BIN)/agentrt bench streams && $(BIN)/agentrt bench policy
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -169,8 +169,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.bench_streams import main as bench_main
-
+    if args.which == "policy":
+        from benchmarks.bench_policy import main as bench_main
+    else:
+        from benchmarks.bench_streams import main as bench_main
     return bench_main(args.bench_args)
 
 
@@ -228,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list installed policies")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("bench", help="event backbone benchmark (see BENCHMARKS.md; `agentrt bench -- --help`)")
+    p = sub.add_parser("bench", help="benchmarks: `agentrt bench streams|policy [--help]` (see BENCHMARKS.md)")
+    p.add_argument("which", choices=("streams", "policy"))
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -11,8 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from framework_emitter.replayer import publish_framework_events
-from framework_emitter.sdk import AgentEventEmitter
+from framework_emitter.replayer import publish, trace_events
 from framework_emitter.traces import TraceProblem, read_trace, sessions
 from streams import broker, sqlstore
 from streams.admin import BrokerUnreachable, group_lag, require_broker
@@ -58,14 +57,15 @@ def run_demo(args: argparse.Namespace) -> int:
         chosen = dict(list(grouped.items())[: args.sessions])
         with EventProducer(config, topics) as producer:
             began = time.perf_counter()
-            published = publish_framework_events(AgentEventEmitter(producer, args.trace), chosen)
+            published = publish(producer, trace_events(args.trace, chosen))
             producer.flush()
             seconds = time.perf_counter() - began
             # One malformed message, to show dead-letter routing.
             producer.publish_raw(topics.framework, encode_key(args.trace, "nobody"), b'{"type":"handoff"}')
             producer.flush()
             counters = producer.counters.snapshot()
-        print(f"{published.sessions} sessions, {published.calls} LLM calls -> {published.events} framework events "
+        calls = sum(len(c) for c in chosen.values())
+        print(f"{len(chosen)} sessions, {calls} LLM calls -> {published.events} framework events "
               f"in {seconds:.2f}s; delivered {counters['delivered']}, dropped {counters['dropped_queue_full']}, "
               f"failed {counters['failed_delivery']}; trace lines skipped: {len(problems)}")
 

@@ -1,6 +1,6 @@
 """Event backbone benchmark: publish throughput and produce->consume latency.
 
-    agentrt bench [--events 200000] [--rate 1000] [--seconds 10] [--repeats 3]
+    agentrt bench streams [--events 200000] [--rate 1000] [--seconds 10] [--repeats 3]
 
 Starts its own embedded broker (or uses --bootstrap-servers). Throughput:
 one process publishes a realistic mix (agent step start, request finished,
@@ -129,7 +129,7 @@ def _spread(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentrt bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="agentrt bench streams", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--rate", type=float, default=1000.0)

@@ -101,11 +101,15 @@ MAX_STEPS_SEEN = 4096
 
 @dataclass
 class _Block:
-    users: OrderedDict = field(default_factory=OrderedDict)  # (agent, session) -> last use time
-    sessions_seen: int = 0
-    resident: bool = True
-    emitted_bucket: int = -1
-    emitted_at: float = 0.0
+    """A cached block's users, as its group key: ((agent, session), ... most recent last), shared.
+
+    ``shared`` turns on once two sessions have used the block (system prompts,
+    tool schemas) and stays on. Blocks with one key share one score, so keys
+    are tuples computed once per KV event, not per block.
+    """
+
+    key: tuple = ((), False)
+    resident: bool = False
 
 
 class _AgentTiming:
@@ -152,6 +156,33 @@ class _Workload:
         self.sessions: dict[str, _Session] = {}
         self.blocks: OrderedDict[str, _Block] = OrderedDict()
         self.prefix_of: dict[tuple[str, str], tuple[str | None, list[str]]] = {}  # (agent, session) -> (request, hashes)
+        # Resident blocks grouped by key (same users => same score): act works per group, not per block.
+        self.groups: dict[tuple, set[str]] = {}
+        self.emitted: dict[tuple, tuple[int, float]] = {}  # group key -> (bucket, when) last decided
+        self.dirty: set[tuple] = set()  # groups that gained blocks since their last decision
+
+    def ungroup(self, block_hash: str, block: "_Block") -> None:
+        key = block.key
+        members = self.groups.get(key)
+        if members is not None:
+            members.discard(block_hash)
+            if not members:
+                del self.groups[key]
+                self.emitted.pop(key, None)
+                self.dirty.discard(key)
+
+    def regroup(self, hashes: list[str], old: tuple | None, new: tuple) -> None:
+        """Move resident blocks from group ``old`` (None: they were not resident) to group ``new``."""
+        if old is not None:
+            members = self.groups.get(old)
+            if members is not None:
+                members.difference_update(hashes)
+                if not members:
+                    del self.groups[old]
+                    self.emitted.pop(old, None)
+                    self.dirty.discard(old)
+        self.groups.setdefault(new, set()).update(hashes)
+        self.dirty.add(new)
 
     def learned_nbytes(self) -> int:
         """Bytes of what was learned about the workload's agents (transitions and timing)."""
@@ -243,7 +274,10 @@ class CacheSage(Policy):
         step = event.step if event.step is not None else session.latest
         current = session.steps.get(step)
         if current is None or current.agent != event.agent:
-            self.skip("duplicate_step_end" if step in session.seen and current is None else "step_end_without_start")
+            if session.ended:
+                self.skip("step_end_after_session_end")  # its agent's partition ran behind the session end
+            else:
+                self.skip("duplicate_step_end" if step in session.seen and current is None else "step_end_without_start")
             return
         current.ended = event.time
         duration = event.duration_s if event.duration_s is not None else event.time - current.started
@@ -262,22 +296,35 @@ class CacheSage(Policy):
     def _on_tool_end(self, w: _Workload, event: ev.ToolCallEnd) -> None:
         self._session(w, event).in_tool = False
 
+    def _with_user(self, key: tuple, user: tuple[str, str]) -> tuple:
+        users, shared = key
+        if users and users[-1] == user:
+            return key
+        users = (*(u for u in users if u != user), user)[-self.config.max_users_per_block:]
+        shared = shared or len({session for _, session in users}) >= 2
+        return users, shared
+
     def _on_blocks_stored(self, w: _Workload, event: ev.KvBlocksStored) -> None:
         user = (event.agent, event.session) if event.agent and event.session else None
+        new_keys: dict[tuple, tuple] = {}
+        moves: dict[tuple[tuple | None, tuple], list[str]] = {}
         for block_hash in event.block_hashes:
             block = w.blocks.get(block_hash)
             if block is None:
                 block = w.blocks[block_hash] = _Block()
             else:
                 w.blocks.move_to_end(block_hash)
-            block.resident = True
+            old = block.key
+            new = old
             if user is not None:
-                if user not in block.users and all(s != user[1] for _, s in block.users):
-                    block.sessions_seen += 1
-                block.users[user] = event.time
-                block.users.move_to_end(user)
-                if len(block.users) > self.config.max_users_per_block:
-                    block.users.popitem(last=False)
+                new = new_keys.get(old)
+                if new is None:
+                    new = new_keys[old] = self._with_user(old, user)
+            if new != old or not block.resident:
+                moves.setdefault((old if block.resident else None, new), []).append(block_hash)
+                block.key, block.resident = new, True
+        for (old, new), hashes in moves.items():
+            w.regroup(hashes, old, new)
         if user is not None:
             request, hashes = w.prefix_of.get(user, (None, []))
             if request is not None and request == event.request:
@@ -286,17 +333,21 @@ class CacheSage(Policy):
                 hashes = list(event.block_hashes)
             w.prefix_of[user] = (event.request, hashes)
         while len(w.blocks) > self.config.max_blocks:
-            w.blocks.popitem(last=False)
+            block_hash, block = w.blocks.popitem(last=False)
+            if block.resident:
+                w.ungroup(block_hash, block)
 
     def _on_blocks_removed(self, w: _Workload, event: ev.KvBlocksRemoved) -> None:
         for block_hash in event.block_hashes:
             block = w.blocks.get(block_hash)
-            if block is not None:
+            if block is not None and block.resident:
                 block.resident = False
+                w.ungroup(block_hash, block)
 
     def _on_all_cleared(self, w: _Workload, event: ev.KvAllBlocksCleared) -> None:
         for block in w.blocks.values():
             block.resident = False
+        w.groups.clear(), w.emitted.clear(), w.dirty.clear()
 
     # --- predict ----------------------------------------------------------------
 
@@ -374,28 +425,40 @@ class CacheSage(Policy):
         rate = w.timing.rate(i, now, self.config.rate_window_s) if i is not None else 0.0
         return math.exp(-rate * self.config.horizon_s)
 
+    def _group_scorer(self, w: _Workload, now: float):
+        """A function: group key -> reuse probability within the horizon, memoised for one ``now``."""
+        hits = self._hits_by_session(w, now)
+        factors: dict[tuple[tuple[str, str], bool], float] = {}  # (user, shared) -> P(this user does not reuse)
+        by_key: dict[tuple, float] = {}
+
+        def key_score(key: tuple) -> float:
+            found = by_key.get(key)
+            if found is not None:
+                return found
+            users, shared = key
+            survive = 1.0  # P(no user reuses the block within the horizon)
+            for user in users:
+                f = factors.get((user, shared))
+                if f is None:
+                    agent, session = user
+                    session_hits = hits.get(session)
+                    f = 1.0 - session_hits.get(agent, 0.0) if session_hits else 1.0
+                    if shared:  # new sessions reuse cross-session blocks at the agent's call rate
+                        f *= self._cross_session_survival(w, agent, now)
+                    factors[(user, shared)] = f
+                survive *= f
+            by_key[key] = 1.0 - survive
+            return by_key[key]
+
+        return key_score
+
     def block_scores(self, workload: str, now: float, resident_only: bool = True) -> dict[str, float]:
         """Reuse probability within the horizon of each (resident) cached block."""
         w = self._workloads.get(workload)
         if w is None:
             return {}
-        hits = self._hits_by_session(w, now)
-        cross: dict[str, float] = {}
-        scores = {}
-        for block_hash, block in w.blocks.items():
-            if resident_only and not block.resident:
-                continue
-            survive = 1.0  # P(no user reuses the block within the horizon)
-            for agent, session in block.users:
-                session_hits = hits.get(session)
-                if session_hits:
-                    survive *= 1.0 - session_hits.get(agent, 0.0)
-                if block.sessions_seen >= 2:
-                    if agent not in cross:
-                        cross[agent] = self._cross_session_survival(w, agent, now)
-                    survive *= cross[agent]
-            scores[block_hash] = 1.0 - survive
-        return scores
+        key_score = self._group_scorer(w, now)
+        return {h: key_score(b.key) for h, b in w.blocks.items() if b.resident or not resident_only}
 
     def score(self, workload: str, now: float) -> Mapping[str, float]:
         return self.block_scores(workload, now)
@@ -417,26 +480,30 @@ class CacheSage(Policy):
         decisions += self._pins_and_prefetches(w, workload, now)
         return decisions
 
-    def _owner(self, block: _Block) -> str | None:
-        return next(reversed(block.users))[0] if block.users else None
-
     def _eviction_scores(self, w: _Workload, workload: str, now: float) -> list[ev.Decision]:
+        """One decision per group whose bucket changed, that gained blocks, or whose last decision is half-way to expiry."""
         cfg = self.config
-        groups: dict[tuple[str, int], list[str]] = {}
-        for block_hash, p in self.block_scores(workload, now).items():
-            block = w.blocks[block_hash]
-            bucket = min(int(p * cfg.score_buckets), cfg.score_buckets - 1)
-            fresh = now - block.emitted_at < cfg.decision_ttl_s / 2
-            owner = self._owner(block)
-            if owner is None or (bucket == block.emitted_bucket and fresh):
-                continue
-            block.emitted_bucket, block.emitted_at = bucket, now
-            groups.setdefault((owner, bucket), []).append(block_hash)
+        key_score = self._group_scorer(w, now)
+        top, refresh_after = cfg.score_buckets - 1, cfg.decision_ttl_s / 2
         expires = now + cfg.decision_ttl_s
-        return [ev.EvictionScore(workload=workload, agent=agent, time=now, policy=self.name,
-                                 decision_id=self._decision_id("score", workload, agent, bucket, hashes, round(expires)),
-                                 expires_at=expires, block_hashes=tuple(hashes), score=(bucket + 0.5) / cfg.score_buckets)
-                for (agent, bucket), hashes in groups.items()]
+        out: list[ev.Decision] = []
+        for key, members in w.groups.items():
+            users = key[0]
+            if not users:
+                continue  # unattributed blocks: no agent to key a decision by
+            bucket = min(int(key_score(key) * cfg.score_buckets), top)
+            last = w.emitted.get(key)
+            if last is not None and last[0] == bucket and now - last[1] < refresh_after and key not in w.dirty:
+                continue
+            w.emitted[key] = (bucket, now)
+            owner = users[-1][0]
+            hashes = tuple(sorted(members))
+            out.append(ev.EvictionScore(
+                workload=workload, agent=owner, time=now, policy=self.name, expires_at=expires, block_hashes=hashes,
+                score=(bucket + 0.5) / cfg.score_buckets,
+                decision_id=self._decision_id("score", workload, owner, bucket, hashes, round(expires))))
+        w.dirty.clear()
+        return out
 
     def _pins_and_prefetches(self, w: _Workload, workload: str, now: float) -> list[ev.Decision]:
         cfg = self.config

@@ -391,6 +391,8 @@ def _check(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise EventValidationError(f"attribute {where!r}: expected a list, got {_describe(value)}")
         item_type = typing.get_args(annotation)[0]
+        if item_type is str and all(type(item) is str for item in value):  # fast path: KV events hold many hashes
+            return tuple(value)
         return tuple(_check(item, item_type, f"{where}[{i}]") for i, item in enumerate(value))
     raise TypeError(f"unsupported annotation {annotation!r}")  # a bug in this module, not bad input
 

@@ -114,3 +114,31 @@ def test_publish_never_blocks_or_raises_when_the_broker_is_gone(config, topics):
     assert counters["dropped_queue_full"] == 900
     producer.close(timeout_s=3)
     assert producer.counters.snapshot()["failed_delivery"] == 100
+
+
+def test_the_framework_sdk_publishes_agent_events_keyed_by_agent(config, topics):
+    from framework_emitter.sdk import AgentEventEmitter
+
+    with EventProducer(config, topics) as producer:
+        sdk = AgentEventEmitter(producer, "crewai")
+        assert sdk.session_start("s1", "Researcher")
+        assert sdk.step_start("s1", "Researcher", 0, "f00d", 120, prompt_tokens=300)
+        assert sdk.tool_call_start("s1", "Researcher", "search", "c1", step=0)
+        assert sdk.tool_call_end("s1", "Researcher", "search", "c1", duration_s=0.4, step=0)
+        assert sdk.step_end("s1", "Researcher", 0, output_tokens=50)
+        assert sdk.handoff("s1", "Researcher", "Writer", step=1)
+        assert sdk.step_start("s1", "Writer", 1, "beef", 200, previous_agent="Researcher")
+        assert sdk.session_end("s1", "Writer", status="completed")
+        producer.flush()
+        tags = sdk.request_tags("s1", "Writer", step=1)
+    assert tags == {"agentrt.workload": "crewai", "agentrt.agent": "Writer", "agentrt.session": "s1",
+                    "agentrt.step": 1}
+    with EventConsumer(config, [topics.framework], group_id=f"{config.topic_prefix}-sdk") as consumer:
+        got = [(msg.key(), event) for msg, event in consumer.events(timeout_s=0.5, idle_limit_s=6)]
+    assert len(got) == 8
+    assert all(key == encode_key("crewai", event.agent) for key, event in got)
+    types = sorted(event.type_name for _, event in got)
+    assert types == sorted(["session_start", "agent_step_start", "tool_call_start", "tool_call_end",
+                            "agent_step_end", "handoff", "agent_step_start", "session_end"])
+    writer_step = next(e for _, e in got if e.type_name == "agent_step_start" and e.agent == "Writer")
+    assert writer_step.previous_agent == "Researcher"

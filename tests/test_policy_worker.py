@@ -11,8 +11,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from framework_emitter.replayer import publish_framework_events
-from framework_emitter.sdk import AgentEventEmitter
+from framework_emitter.replayer import publish, trace_events
 from framework_emitter.traces import read_trace, sessions
 from streams import events as ev
 from streams.admin import group_lag
@@ -50,12 +49,7 @@ def _publish_trace(config, topics, chosen: dict, pace_s: float = 0.0) -> None:
     """The sessions' framework events, the KV events an engine would report, and one malformed message."""
     with EventProducer(config, topics) as producer:
         for session, calls in chosen.items():
-            publish_framework_events(AgentEventEmitter(producer, "chatdev"), {session: calls})
-            now = time.time()
-            for call in calls:
-                producer.publish(ev.KvBlocksStored(workload="chatdev", agent=call.agent, session=session, time=now,
-                                                   request=f"{session}-{call.seq}", block_size=32,
-                                                   block_hashes=(f"{call.agent}-sys", f"{session}-{call.seq}")))
+            publish(producer, trace_events("chatdev", {session: calls}, kv_block_size=32))
             producer.flush()
             time.sleep(pace_s)
         producer.publish_raw(topics.engine, encode_key("chatdev", "x"), b"{broken")
@@ -157,3 +151,25 @@ def test_a_policy_installed_through_an_entry_point_runs_as_its_own_consumer_grou
     for name in ("cachesage", "callcounter"):
         rows = group_lag(config.bootstrap_servers, f"{config.topic_prefix}-policy-{name}", [topics.framework])
         assert sum(r.committed or 0 for r in rows) == sum(r.log_end for r in rows) > 0
+
+
+def test_faust_consumer_seam_is_where_we_expect_it():
+    """Fails when a faust or aiokafka upgrade moves what policy_workers/faust_tuning.py relies on."""
+    import inspect
+
+    import aiokafka
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from policy_workers import faust_tuning
+
+    assert "fetch_max_wait_ms=1500" in inspect.getsource(faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer)
+    import asyncio
+
+    async def build():
+        return aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_wait_ms=1500)
+
+    assert asyncio.run(build())._fetch_max_wait_ms == 1500
+    assert "self._fetch_max_wait_ms" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
+    faust_tuning.install()
+    faust_tuning.install()
+    assert faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer is faust_tuning._create_worker_consumer

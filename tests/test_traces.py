@@ -23,3 +23,15 @@ def test_a_bad_line_is_reported_with_file_and_line_and_the_rest_goes_on(tmp_path
     assert len(calls) == 3
     assert [(p.line, p.path) for p in problems] == [(2, str(path)), (4, str(path))]
     assert "missing field 'segments'" in str(problems[1])
+
+
+def test_prompt_blocks_are_shared_exactly_as_far_as_prompts_are():
+    from framework_emitter.prefix_blocks import block_hashes
+
+    a = block_hashes([("sys", 70), ("task", 40), ("msg1", 30)], block_size=32)
+    b = block_hashes([("sys", 70), ("task", 40), ("msg2", 30)], block_size=32)
+    c = block_hashes([("sys2", 70), ("task", 40), ("msg1", 30)], block_size=32)
+    assert len(a) == 140 // 32 == 4
+    assert a[:3] == b[:3] and a[3] != b[3]  # tokens 0..95 are shared; block 3 holds msg1 vs msg2
+    assert not set(a) & set(c)  # a different system prompt changes every block after it
+    assert block_hashes([("x", 31)]) == []  # only full blocks
