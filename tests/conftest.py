@@ -1,6 +1,7 @@
 """Shared fixtures: one real embedded broker per test session, fresh names per test."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 
@@ -10,6 +11,9 @@ from streams.broker import EmbeddedBroker
 from streams.config import StreamsConfig
 from streams.topics import Topics, ensure_topics
 from streams.admin import admin_client
+
+# tests/engine needs vLLM, which lives in its own environment (.venv-engine; see the Makefile).
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["engine"]
 
 POSTGRES_ADMIN_URL = os.environ.get("AGENTRT_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 

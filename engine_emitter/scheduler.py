@@ -1,0 +1,312 @@
+"""The vLLM side of the runtime layer, as a ``scheduler_cls`` for stock vLLM 0.32.
+
+Enable it by configuration alone:
+
+    LLM(model, scheduler_cls="engine_emitter.scheduler.AgentRuntimeScheduler", ...)
+    vllm serve MODEL --scheduler-cls engine_emitter.scheduler.AgentRuntimeScheduler
+
+It runs inside EngineCore, where vLLM decides eviction (docs/engine_emitter.md):
+- engine events out, keyed by agent: request queued / scheduled / first token /
+  finished, KV blocks stored (attributed to the request's agent) and removed;
+- act decisions in, drained at each step boundary: eviction scores reorder the
+  free block queue (lowest score evicted first, LRU within a score level),
+  pins hold a block's extra reference until their TTL (capped fraction).
+
+Agent identity comes with each request in ``SamplingParams.extra_args``
+(``vllm_xargs`` on the OpenAI server) as ``agentrt.workload`` /
+``agentrt.agent`` / ``agentrt.session`` (what ``framework_emitter.sdk``'s
+``request_tags`` returns), else the request's ``session_id``. Never
+``cache_salt``: that would stop agents sharing prefixes.
+
+Fail-open: without a broker, a worker or decisions, nothing is reordered or
+pinned and vLLM behaves exactly as stock; emission never blocks a step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, OrderedDict
+from typing import Any
+
+from vllm.v1.core.kv_cache_utils import get_block_hash
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from streams import events as ev
+from streams.config import StreamsConfig
+from streams.producer import EventProducer
+from streams.topics import Topics
+
+from .decision_book import AgentKey, DecisionBook
+from .decision_feed import DecisionFeed
+from .free_queue import ScoredFreeBlockQueue
+
+log = logging.getLogger(__name__)
+
+SCORE_LEVELS = 20
+NEUTRAL_SCORE = 0.5  # blocks no decision speaks of sit between low- and high-value ones
+
+
+def request_identity(request: Any, default_workload: str) -> tuple[str, str, str | None]:
+    """(workload, agent, session) of a vLLM request; agent '' when the framework sent none."""
+    extra = getattr(request.sampling_params, "extra_args", None) or {}
+    session = extra.get("agentrt.session") or getattr(request, "session_id", None)
+    return (str(extra.get("agentrt.workload") or default_workload), str(extra.get("agentrt.agent") or ""),
+            None if session is None else str(session))
+
+
+class _Owner:
+    __slots__ = ("workload", "agent", "session")
+
+    def __init__(self, workload: str, agent: str, session: str | None) -> None:
+        self.workload, self.agent, self.session = workload, agent, session
+
+    @property
+    def key(self) -> AgentKey:
+        return (self.workload, self.agent)
+
+
+class AgentRuntimeScheduler(Scheduler):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.agentrt_counters: Counter[str] = Counter()
+        self.book = DecisionBook()
+        self.pin_cap_fraction = float(os.environ.get("AGENTRT_PIN_CAP_FRACTION", "0.5"))
+        self.default_workload = os.environ.get("AGENTRT_WORKLOAD", "default")
+        self._owners: OrderedDict[str, _Owner] = OrderedDict()  # block hash (hex) -> who stored it
+        self._hash_keys: dict[str, Any] = {}  # block hash (hex) -> vLLM's BlockHashWithGroupId
+        self._agent_hashes: dict[AgentKey, set[str]] = {}
+        self._pinned: dict[int, tuple[Any, float]] = {}  # block_id -> (block, until)
+        self._removed: dict[AgentKey, list[str]] = {}
+        self._timing: dict[str, dict[str, float]] = {}  # request id -> scheduled_at, cached, ttft
+        self._last_expiry = 0.0
+        self._block_size = self.cache_config.block_size
+
+        pool = self.kv_cache_manager.block_pool
+        self.block_pool = pool
+        self.free_queue = ScoredFreeBlockQueue(pool.free_block_queue, SCORE_LEVELS, self._level_of)
+        pool.free_block_queue = self.free_queue
+        self._wrap_block_pool(pool)
+
+        config = StreamsConfig.from_env()
+        self.topics = Topics.for_prefix(config.topic_prefix)
+        self.producer: EventProducer | None = None
+        self.feed: DecisionFeed | None = None
+        if os.environ.get("AGENTRT_ENGINE_STREAMS", "1") != "0":
+            try:
+                self.producer = EventProducer(config, self.topics)
+                self.feed = DecisionFeed(config, self.topics.decisions)
+            except Exception:  # never let the runtime layer stop the engine
+                log.exception("agentrt: streams unavailable; running as stock vLLM")
+        log.info("agentrt scheduler on %s (pin cap %.0f%%)", config.bootstrap_servers, self.pin_cap_fraction * 100)
+
+    # --- block pool hooks ---------------------------------------------------------
+
+    def _wrap_block_pool(self, pool: Any) -> None:
+        cache_full_blocks = pool.cache_full_blocks
+        maybe_evict = pool._maybe_evict_cached_block
+
+        def cache_full_blocks_hook(request, blocks, num_cached_blocks, num_full_blocks, *args, **kwargs):  # noqa: ANN001
+            cache_full_blocks(request, blocks, num_cached_blocks, num_full_blocks, *args, **kwargs)
+            self._on_blocks_cached(request, blocks[num_cached_blocks:num_full_blocks])
+
+        def evict_hook(block):  # noqa: ANN001
+            block_hash = block.block_hash
+            evicted = maybe_evict(block)
+            if evicted and block_hash is not None:
+                self._on_block_evicted(get_block_hash(block_hash).hex())
+            return evicted
+
+        pool.cache_full_blocks = cache_full_blocks_hook
+        pool._maybe_evict_cached_block = evict_hook
+
+    def _on_blocks_cached(self, request: Any, blocks: list[Any]) -> None:
+        workload, agent, session = request_identity(request, self.default_workload)
+        owner = _Owner(workload, agent, session)
+        hashes = []
+        for block in blocks:
+            if block.block_hash is None or block.is_null:
+                continue
+            hx = get_block_hash(block.block_hash).hex()
+            previous = self._owners.pop(hx, None)
+            if previous is not None:
+                self._agent_hashes.get(previous.key, set()).discard(hx)
+            self._owners[hx] = owner
+            self._hash_keys[hx] = block.block_hash
+            self._agent_hashes.setdefault(owner.key, set()).add(hx)
+            hashes.append(hx)
+        limit = 4 * self.block_pool.num_gpu_blocks
+        while len(self._owners) > limit:
+            hx, old = self._owners.popitem(last=False)
+            self._hash_keys.pop(hx, None)
+            self._agent_hashes.get(old.key, set()).discard(hx)
+        if hashes:
+            self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=time.time(),
+                                         request=request.request_id, block_hashes=tuple(hashes),
+                                         block_size=self._block_size))
+
+    def _on_block_evicted(self, hx: str) -> None:
+        owner = self._owners.pop(hx, None)
+        self._hash_keys.pop(hx, None)
+        key = owner.key if owner else (self.default_workload, "")
+        if owner:
+            self._agent_hashes.get(owner.key, set()).discard(hx)
+        self._removed.setdefault(key, []).append(hx)
+        self.agentrt_counters["evictions"] += 1
+
+    def _level_of(self, block: Any) -> int:
+        if block.block_hash is None:
+            return 0
+        hx = get_block_hash(block.block_hash).hex()
+        owner = self._owners.get(hx)
+        score = self.book.score(hx, owner.key if owner else None, time.time())
+        if score is None:
+            score = NEUTRAL_SCORE
+        else:
+            self.agentrt_counters["scored_frees"] += 1
+        return 1 + min(int(score * SCORE_LEVELS), SCORE_LEVELS - 1)
+
+    # --- decisions -------------------------------------------------------------------
+
+    def apply_decisions(self, decisions: list[tuple[ev.Decision, float]]) -> None:
+        """Apply decisions (normally drained from the feed at a step boundary)."""
+        now = time.time()
+        relevel: set[str] = set()
+        for decision, received_at in decisions:
+            if not self.book.apply(decision, now):
+                continue
+            self.agentrt_counters["decisions_applied"] += 1
+            self.agentrt_counters["decision_latency_ms_total"] += int((now - decision.time) * 1000)
+            targets = set(decision.block_hashes) or set(self._agent_hashes.get((decision.workload, decision.agent), ()))
+            if isinstance(decision, ev.EvictionScore):
+                relevel |= targets
+            elif isinstance(decision, ev.Pin):
+                self._pin(targets, now)
+        for hx in relevel:
+            block = self._cached_block(hx)
+            if block is not None and block.ref_cnt == 0:
+                self.free_queue.relevel(block)
+        self._release_pins(now)
+
+    def _cached_block(self, hx: str) -> Any | None:
+        key = self._hash_keys.get(hx)
+        if key is None:
+            return None
+        return self.block_pool.cached_block_hash_to_block.get_one_block(key)
+
+    def _pin(self, hashes: set[str], now: float) -> None:
+        cap = int(self.pin_cap_fraction * (self.block_pool.num_gpu_blocks - 1))
+        for hx in hashes:
+            block = self._cached_block(hx)
+            if block is None or block.block_id in self._pinned:
+                continue
+            if len(self._pinned) >= cap:
+                self.agentrt_counters["pins_refused_cap"] += 1
+                continue
+            owner = self._owners.get(hx)
+            until = self.book.pinned_until(hx, owner.key if owner else None, now)
+            if until is None:
+                continue
+            if block.ref_cnt == 0:
+                self.free_queue.remove(block)
+            block.ref_cnt += 1  # the pin's own reference: not evictable while held
+            self._pinned[block.block_id] = (block, until)
+            self.agentrt_counters["pins_applied"] += 1
+
+    def _release_pins(self, now: float) -> None:
+        for block_id, (block, until) in list(self._pinned.items()):
+            hx = get_block_hash(block.block_hash).hex() if block.block_hash is not None else None
+            owner = self._owners.get(hx) if hx else None
+            still = self.book.pinned_until(hx, owner.key if owner else None, now) if hx else None
+            if until > now and still is not None:
+                continue
+            del self._pinned[block_id]
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self.free_queue.append(block)
+            self.agentrt_counters["pins_released"] += 1
+
+    @property
+    def pinned_blocks(self) -> int:
+        return len(self._pinned)
+
+    # --- scheduler overrides -------------------------------------------------------------
+
+    def add_request(self, request: Any) -> None:
+        super().add_request(request)
+        workload, agent, session = request_identity(request, self.default_workload)
+        if agent:
+            self._emit(ev.RequestQueued(workload=workload, agent=agent, session=session, time=time.time(),
+                                        request=request.request_id, prompt_tokens=request.num_prompt_tokens,
+                                        priority=max(int(request.priority), 0)))
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.time()
+        if self.feed is not None:
+            self.apply_decisions(self.feed.drain())
+        else:
+            self._release_pins(now)
+        if now - self._last_expiry > 1.0:
+            self.book.expire(now)
+            self._last_expiry = now
+        output = super().schedule(*args, **kwargs)
+        for new in output.scheduled_new_reqs:
+            request = self.requests.get(new.req_id)
+            if request is None:
+                continue
+            workload, agent, session = request_identity(request, self.default_workload)
+            stats = request.prefill_stats
+            cached = stats.num_cached_tokens if stats is not None else 0
+            self._timing[request.request_id] = {"scheduled_at": now, "cached": cached}
+            if agent:
+                self._emit(ev.RequestScheduled(workload=workload, agent=agent, session=session, time=now,
+                                               request=request.request_id, prompt_tokens=request.num_prompt_tokens,
+                                               cached_tokens=cached, queue_time_s=max(now - request.arrival_time, 0.0)))
+        self._flush_removed(now)
+        return output
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        requests = [self.requests.get(rid) for rid in scheduler_output.num_scheduled_tokens]
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        now = time.time()
+        for request in requests:
+            if request is None:
+                continue
+            workload, agent, session = request_identity(request, self.default_workload)
+            rid = request.request_id
+            timing = self._timing.setdefault(rid, {"scheduled_at": now, "cached": 0})
+            if request.num_output_tokens >= 1 and "ttft" not in timing:
+                timing["ttft"] = max(now - request.arrival_time, 0.0)
+                if agent:
+                    self._emit(ev.RequestFirstToken(workload=workload, agent=agent, session=session, time=now,
+                                                    request=rid, ttft_s=timing["ttft"]))
+            if request.is_finished():
+                del self._timing[rid]
+                if agent:
+                    reason = request.get_finished_reason()
+                    self._emit(ev.RequestFinished(
+                        workload=workload, agent=agent, session=session, time=now, request=rid,
+                        prompt_tokens=request.num_prompt_tokens, cached_tokens=int(timing["cached"]),
+                        output_tokens=request.num_output_tokens,
+                        queue_time_s=max(timing["scheduled_at"] - request.arrival_time, 0.0),
+                        ttft_s=timing.get("ttft", 0.0), e2e_s=max(now - request.arrival_time, 0.0),
+                        finish_reason=str(reason) if reason is not None else None))
+        return result
+
+    def shutdown(self) -> None:
+        if self.feed is not None:
+            self.feed.close()
+        if self.producer is not None:
+            self.producer.close(timeout_s=2.0)
+        super().shutdown()
+
+    # --- emission ----------------------------------------------------------------------
+
+    def _flush_removed(self, now: float) -> None:
+        for (workload, agent), hashes in self._removed.items():
+            self._emit(ev.KvBlocksRemoved(workload=workload, agent=agent, time=now, block_hashes=tuple(hashes)))
+        self._removed.clear()
+
+    def _emit(self, event: ev.Event) -> None:
+        if self.producer is not None and not self.producer.publish(event):
+            self.agentrt_counters["events_dropped"] += 1

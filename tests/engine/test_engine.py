@@ -1,0 +1,186 @@
+"""The runtime layer inside real vLLM (CPU): events out, decisions in, fail-open.
+
+Scenario from ../shared/notes/vllm-integration.md: each agent has a 256-token
+prefix (8 blocks) plus a 20-token suffix; the KV cache holds 39 blocks, so
+the planner, five workers, then the planner again evicts the planner's prefix
+under stock LRU.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from streams import events as ev
+from streams.producer import EventProducer
+from streams.serde import decode
+from streams.topics import Topics
+from tests.engine.conftest import NUM_BLOCKS, PREFIX_TOKENS, SUFFIX_TOKENS, wait_for
+
+WORKERS = [f"worker-{i}" for i in range(1, 6)]
+
+
+def _prompt(agent: str, call: int) -> list[int]:
+    seed = sum(map(ord, agent))
+    prefix = [(seed * 97 + i * 31) % 4000 + 1 for i in range(PREFIX_TOKENS)]
+    return prefix + [(seed * 13 + call * 7 + i) % 4000 + 1 for i in range(SUFFIX_TOKENS)]
+
+
+def _call(llm, agent: str, call: int = 0, max_tokens: int = 4) -> tuple[int, list[int]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                            extra_args={"agentrt.workload": "w", "agentrt.agent": agent, "agentrt.session": "s1"})
+    out = llm.generate([TokensPrompt(prompt_token_ids=_prompt(agent, call))], params, use_tqdm=False)[0]
+    return out.num_cached_tokens, list(out.outputs[0].token_ids)
+
+
+def _planner_then_workers_then_planner(llm) -> int:
+    _call(llm, "planner", 0)
+    for worker in WORKERS:
+        _call(llm, worker, 0)
+    return _call(llm, "planner", 1)[0]
+
+
+def _publish(config, *decisions: ev.Decision) -> None:
+    with EventProducer(config, Topics.for_prefix(config.topic_prefix)) as producer:
+        for decision in decisions:
+            producer.publish(decision)
+        producer.flush()
+
+
+def _decision(cls, agent: str, did: str, **fields) -> ev.Decision:
+    now = time.time()
+    return cls(workload="w", agent=agent, time=now, policy="test", decision_id=did, expires_at=now + 60, **fields)
+
+
+def _delivered(scheduler, n: int) -> None:
+    wait_for(lambda: scheduler.feed.counters["received"] >= n, what=f"{n} decisions to reach the engine")
+
+
+def test_stock_lru_evicts_the_planner_prefix(fresh):
+    llm, _ = fresh
+    assert _planner_then_workers_then_planner(llm) == 0
+
+
+def test_a_higher_eviction_score_keeps_the_planner_prefix(fresh, engine_config):
+    llm, scheduler = fresh
+    before = scheduler.feed.counters["received"]
+    _publish(engine_config, _decision(ev.EvictionScore, "planner", f"score-{time.time()}", score=0.95))
+    _delivered(scheduler, before + 1)
+    assert _planner_then_workers_then_planner(llm) == PREFIX_TOKENS
+
+
+def test_a_low_score_for_the_workers_keeps_the_planner_prefix_too(fresh, engine_config):
+    llm, scheduler = fresh
+    before = scheduler.feed.counters["received"]
+    _publish(engine_config, *[_decision(ev.EvictionScore, w, f"low-{w}-{time.time()}", score=0.05) for w in WORKERS])
+    _delivered(scheduler, before + len(WORKERS))
+    assert _planner_then_workers_then_planner(llm) == PREFIX_TOKENS
+
+
+def test_a_pin_keeps_the_prefix_and_expires_on_time(fresh, engine_config):
+    llm, scheduler = fresh
+    _call(llm, "planner", 0)
+    before = scheduler.feed.counters["received"]
+    _publish(engine_config, _decision(ev.Pin, "planner", f"pin-{time.time()}", ttl_s=3.0))
+    _delivered(scheduler, before + 1)
+    for worker in WORKERS:
+        _call(llm, worker, 0)
+        assert scheduler.pinned_blocks == PREFIX_TOKENS // 32
+    assert _call(llm, "planner", 1)[0] == PREFIX_TOKENS
+    time.sleep(3.2)
+    _call(llm, "worker-1", 1)  # a step after the TTL releases the pin
+    assert scheduler.pinned_blocks == 0
+    for worker in WORKERS:
+        _call(llm, worker, 2)
+    assert _call(llm, "planner", 2)[0] == 0  # unprotected again, LRU evicts it
+
+
+def test_the_pin_cap_holds_and_allocation_never_starves(fresh, engine_config):
+    llm, scheduler = fresh
+    agents = ["planner", "worker-1", "worker-2"]  # 3 x 8 blocks = 24 > the cap of 19
+    for agent in agents:
+        _call(llm, agent, 0)
+    before = scheduler.feed.counters["received"]
+    _publish(engine_config, *[_decision(ev.Pin, a, f"cap-{a}-{time.time()}", ttl_s=30.0) for a in agents])
+    _delivered(scheduler, before + len(agents))
+    _call(llm, "worker-3", 0)  # a step applies the pins; and it still gets blocks
+    cap = int(scheduler.pin_cap_fraction * (NUM_BLOCKS - 1))
+    assert scheduler.pinned_blocks == cap
+    assert scheduler.agentrt_counters["pins_refused_cap"] > 0
+    for worker in WORKERS:  # requests needing 9 blocks each keep being served
+        assert len(_call(llm, worker, 1)[1]) == 4
+
+
+def test_engine_events_arrive_keyed_and_attributed_by_agent(fresh, engine_config):
+    llm, _ = fresh
+    topics = Topics.for_prefix(engine_config.topic_prefix)
+    consumer = Consumer({"bootstrap.servers": engine_config.bootstrap_servers, "group.id": "t",
+                         "enable.auto.commit": False})
+    ends = [consumer.get_watermark_offsets(TopicPartition(topics.engine, p), timeout=5)[1]
+            for p in range(engine_config.partitions)]
+    _call(llm, "planner", 0)
+    cached, _ = _call(llm, "planner", 1)
+    consumer.assign([TopicPartition(topics.engine, p, max(end - 1, 0)) for p, end in enumerate(ends)])
+    seen: list[ev.Event] = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and sum(isinstance(e, ev.RequestFinished) for e in seen) < 2:
+        msg = consumer.poll(0.2)
+        if msg is not None and not msg.error():
+            event = decode(msg.key(), msg.value())
+            if event.agent == "planner" and event.time > time.time() - 60:
+                seen.append(event)
+    consumer.close()
+    finished = [e for e in seen if isinstance(e, ev.RequestFinished)][-2:]
+    assert len(finished) == 2, seen
+    first, second = finished
+    assert (first.prompt_tokens, first.output_tokens) == (PREFIX_TOKENS + SUFFIX_TOKENS, 4)
+    assert first.cached_tokens == 0 and second.cached_tokens == cached == PREFIX_TOKENS
+    assert second.ttft_s > 0 and second.e2e_s >= second.ttft_s and second.session == "s1"
+    kinds = {type(e).__name__ for e in seen}
+    assert {"RequestQueued", "RequestScheduled", "RequestFirstToken", "KvBlocksStored"} <= kinds
+    stored = [e for e in seen if isinstance(e, ev.KvBlocksStored)]
+    assert stored[0].block_size == 32 and len(stored[0].block_hashes) == (PREFIX_TOKENS + SUFFIX_TOKENS) // 32
+
+
+def test_version_guard_the_vllm_internals_we_rely_on():
+    """Fails when vLLM moves the seams engine_emitter/ is built on (docs/engine_emitter.md)."""
+    import inspect
+
+    import vllm
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request
+
+    assert vllm.__version__ == "0.32.0"
+    assert "self.free_block_queue.popleft_n(num_blocks)" in inspect.getsource(BlockPool.get_new_blocks)
+    assert "self._maybe_evict_cached_block(block)" in inspect.getsource(BlockPool.get_new_blocks)
+    free_src = inspect.getsource(BlockPool.free_blocks)
+    assert "free_block_queue.append_n" in free_src and "free_block_queue.prepend_n" in free_src
+    assert "self.free_block_queue.remove(block)" in inspect.getsource(BlockPool.touch)
+    params = list(inspect.signature(BlockPool.cache_full_blocks).parameters)
+    assert params[:5] == ["self", "request", "blocks", "num_cached_blocks", "num_full_blocks"]
+    for name in ("popleft", "popleft_n", "remove", "append", "append_n", "prepend_n", "get_all_free_blocks"):
+        assert hasattr(FreeKVCacheBlockQueue, name), name
+    for name in ("schedule", "update_from_output", "add_request", "shutdown"):
+        assert hasattr(Scheduler, name), name
+    assert "prefill_stats" in inspect.getsource(Request.__init__)
+
+
+def test_with_the_broker_gone_the_engine_keeps_serving_identical_tokens(engine, engine_broker):
+    """Last on purpose: it stops this session's engine broker."""
+    llm, scheduler = engine
+    llm.reset_prefix_cache()
+    scheduler.book.clear()
+    cold = _call(llm, "reviewer", 0, max_tokens=8)[1]
+    engine_broker.stop()
+    began = time.monotonic()
+    cached, after = _call(llm, "reviewer", 0, max_tokens=8)
+    assert after == cold and cached == PREFIX_TOKENS
+    llm.reset_prefix_cache()
+    assert _call(llm, "reviewer", 0, max_tokens=8)[1] == cold
+    assert time.monotonic() - began < 10
