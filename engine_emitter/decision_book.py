@@ -56,6 +56,8 @@ class DecisionBook:
                     self.block_pins[h] = max(self.block_pins.get(h, 0.0), until)
             else:
                 self.agent_pins[key] = max(self.agent_pins.get(key, 0.0), until)
+        elif isinstance(decision, ev.Prefetch):
+            pass  # nothing to remember: the engine acts on it once (see AgentRuntimeScheduler)
         elif isinstance(decision, ev.Unpin):
             if decision.block_hashes:
                 for h in decision.block_hashes:

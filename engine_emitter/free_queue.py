@@ -21,6 +21,7 @@ class ScoredFreeBlockQueue:
         self._queues = [FreeKVCacheBlockQueue([]) for _ in range(levels + 1)]
         self._level: dict[int, int] = {}  # block_id -> level, for blocks in the queue
         self._level_of = level_of
+        self.evicted_by_level = [0] * (levels + 1)  # cached blocks handed out for reuse, by level
         blocks = stock.popleft_n(stock.num_free_blocks)  # keep their current order
         self.append_n(blocks)
 
@@ -35,7 +36,9 @@ class ScoredFreeBlockQueue:
         for q in self._queues:
             if q.num_free_blocks:
                 block = q.popleft()
-                del self._level[block.block_id]
+                level = self._level.pop(block.block_id)
+                if block.block_hash is not None:
+                    self.evicted_by_level[level] += 1
                 return block
         raise ValueError("No free blocks available")
 
@@ -50,7 +53,9 @@ class ScoredFreeBlockQueue:
         if len(out) < n:
             raise AssertionError(f"asked for {n} free blocks, {len(out)} available")
         for block in out:
-            del self._level[block.block_id]
+            level = self._level.pop(block.block_id)
+            if block.block_hash is not None:
+                self.evicted_by_level[level] += 1
         return out
 
     def remove(self, block: KVCacheBlock) -> None:

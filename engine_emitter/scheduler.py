@@ -10,7 +10,9 @@ It runs inside EngineCore, where vLLM decides eviction (docs/engine_emitter.md):
   finished, KV blocks stored (attributed to the request's agent) and removed;
 - act decisions in, drained at each step boundary: eviction scores reorder the
   free block queue (lowest score evicted first, LRU within a score level),
-  pins hold a block's extra reference until their TTL (capped fraction).
+  pins hold a block's extra reference until their TTL (capped fraction),
+  prefetch recomputes an agent's evicted prefix with a 1-token request
+  (the CPU backend has no lower KV tier to load from).
 
 Agent identity comes with each request in ``SamplingParams.extra_args``
 (``vllm_xargs`` on the OpenAI server) as ``agentrt.workload`` /
@@ -26,20 +28,23 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections import Counter, OrderedDict
 from typing import Any
 
-from vllm.v1.core.kv_cache_utils import get_block_hash
+from vllm.v1.core.kv_cache_utils import BlockHash, get_block_hash, make_block_hash_with_group_id
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from streams import events as ev
 from streams.config import StreamsConfig
 from streams.producer import EventProducer
+from streams.stats import LatencyReservoir
 from streams.topics import Topics
 
 from .decision_book import AgentKey, DecisionBook
 from .decision_feed import DecisionFeed
 from .free_queue import ScoredFreeBlockQueue
+from .metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +79,16 @@ class AgentRuntimeScheduler(Scheduler):
         self.pin_cap_fraction = float(os.environ.get("AGENTRT_PIN_CAP_FRACTION", "0.5"))
         self.default_workload = os.environ.get("AGENTRT_WORKLOAD", "default")
         self._owners: OrderedDict[str, _Owner] = OrderedDict()  # block hash (hex) -> who stored it
-        self._hash_keys: dict[str, Any] = {}  # block hash (hex) -> vLLM's BlockHashWithGroupId
         self._agent_hashes: dict[AgentKey, set[str]] = {}
         self._pinned: dict[int, tuple[Any, float]] = {}  # block_id -> (block, until)
         self._removed: dict[AgentKey, list[str]] = {}
-        self._timing: dict[str, dict[str, float]] = {}  # request id -> scheduled_at, cached, ttft
+        self._timing: dict[str, dict[str, float]] = {}
+        # (workload, agent, session) -> (token ids, block hashes) of its latest cached prefix, for prefetch
+        self._prefixes: OrderedDict[tuple[str, str, str | None], tuple[list[int], list[str]]] = OrderedDict()
+        self._block_hasher: Any = None  # vLLM's, taken from the first request (prefetches need it)  # request id -> scheduled_at, cached, ttft
         self._last_expiry = 0.0
+        self._last_log = time.time()
+        self.decision_latency = LatencyReservoir()  # decision made (its time) -> applied here
         self._block_size = self.cache_config.block_size
 
         pool = self.kv_cache_manager.block_pool
@@ -98,6 +107,8 @@ class AgentRuntimeScheduler(Scheduler):
                 self.feed = DecisionFeed(config, self.topics.decisions)
             except Exception:  # never let the runtime layer stop the engine
                 log.exception("agentrt: streams unavailable; running as stock vLLM")
+        if os.environ.get("AGENTRT_METRICS_PORT"):
+            serve_metrics(self, int(os.environ["AGENTRT_METRICS_PORT"]))
         log.info("agentrt scheduler on %s (pin cap %.0f%%)", config.bootstrap_servers, self.pin_cap_fraction * 100)
 
     # --- block pool hooks ---------------------------------------------------------
@@ -108,7 +119,7 @@ class AgentRuntimeScheduler(Scheduler):
 
         def cache_full_blocks_hook(request, blocks, num_cached_blocks, num_full_blocks, *args, **kwargs):  # noqa: ANN001
             cache_full_blocks(request, blocks, num_cached_blocks, num_full_blocks, *args, **kwargs)
-            self._on_blocks_cached(request, blocks[num_cached_blocks:num_full_blocks])
+            self._on_blocks_cached(request, blocks[num_cached_blocks:num_full_blocks], num_full_blocks)
 
         def evict_hook(block):  # noqa: ANN001
             block_hash = block.block_hash
@@ -120,7 +131,7 @@ class AgentRuntimeScheduler(Scheduler):
         pool.cache_full_blocks = cache_full_blocks_hook
         pool._maybe_evict_cached_block = evict_hook
 
-    def _on_blocks_cached(self, request: Any, blocks: list[Any]) -> None:
+    def _on_blocks_cached(self, request: Any, blocks: list[Any], num_full_blocks: int) -> None:
         workload, agent, session = request_identity(request, self.default_workload)
         owner = _Owner(workload, agent, session)
         hashes = []
@@ -132,14 +143,20 @@ class AgentRuntimeScheduler(Scheduler):
             if previous is not None:
                 self._agent_hashes.get(previous.key, set()).discard(hx)
             self._owners[hx] = owner
-            self._hash_keys[hx] = block.block_hash
             self._agent_hashes.setdefault(owner.key, set()).add(hx)
             hashes.append(hx)
-        limit = 4 * self.block_pool.num_gpu_blocks
+        limit = 16 * self.block_pool.num_gpu_blocks  # attribution memory, beyond what is resident
         while len(self._owners) > limit:
             hx, old = self._owners.popitem(last=False)
-            self._hash_keys.pop(hx, None)
             self._agent_hashes.get(old.key, set()).discard(hx)
+        if agent and num_full_blocks:
+            key = (workload, agent, session)
+            tokens = list(request.all_token_ids[: num_full_blocks * self._block_size])
+            chain = [bytes(h).hex() for h in request.block_hashes[:num_full_blocks]]  # plain hashes: no group id
+            self._prefixes[key] = (tokens, chain)
+            self._prefixes.move_to_end(key)
+            while len(self._prefixes) > 4096:
+                self._prefixes.popitem(last=False)
         if hashes:
             self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=time.time(),
                                          request=request.request_id, block_hashes=tuple(hashes),
@@ -147,7 +164,6 @@ class AgentRuntimeScheduler(Scheduler):
 
     def _on_block_evicted(self, hx: str) -> None:
         owner = self._owners.pop(hx, None)
-        self._hash_keys.pop(hx, None)
         key = owner.key if owner else (self.default_workload, "")
         if owner:
             self._agent_hashes.get(owner.key, set()).discard(hx)
@@ -176,22 +192,51 @@ class AgentRuntimeScheduler(Scheduler):
             if not self.book.apply(decision, now):
                 continue
             self.agentrt_counters["decisions_applied"] += 1
-            self.agentrt_counters["decision_latency_ms_total"] += int((now - decision.time) * 1000)
+            self.decision_latency.add(max(now - decision.time, 0.0))
             targets = set(decision.block_hashes) or set(self._agent_hashes.get((decision.workload, decision.agent), ()))
             if isinstance(decision, ev.EvictionScore):
                 relevel |= targets
             elif isinstance(decision, ev.Pin):
                 self._pin(targets, now)
+            elif isinstance(decision, ev.Prefetch):
+                self._prefetch(decision, now)
         for hx in relevel:
             block = self._cached_block(hx)
             if block is not None and block.ref_cnt == 0:
                 self.free_queue.relevel(block)
         self._release_pins(now)
 
+    def _prefetch(self, decision: ev.Prefetch, now: float) -> None:
+        """Recompute the agent's last cached prefix with a 1-token request, unless it is resident."""
+        found = self._prefixes.get((decision.workload, decision.agent, decision.session))
+        if found is None:  # the agent's latest prefix in any session
+            for (workload, agent, _), value in reversed(self._prefixes.items()):
+                if (workload, agent) == (decision.workload, decision.agent):
+                    found = value
+                    break
+        if found is None or self._block_hasher is None:
+            self.agentrt_counters["prefetch_unknown_prefix"] += 1
+            return
+        tokens, chain = found
+        if all(self._cached_block(hx) is not None for hx in chain):
+            self.agentrt_counters["prefetch_already_resident"] += 1
+            return
+        from vllm.sampling_params import SamplingParams
+        from vllm.v1.request import Request
+
+        tags = {"agentrt.workload": decision.workload, "agentrt.agent": decision.agent,
+                "agentrt.session": decision.session, "agentrt.prefetch": True}
+        request = Request(request_id=f"agentrt-prefetch-{uuid.uuid4().hex}", prompt_token_ids=list(tokens),
+                          sampling_params=SamplingParams(max_tokens=1, temperature=0.0, extra_args=tags),
+                          pooling_params=None, arrival_time=now, block_hasher=self._block_hasher)
+        super().add_request(request)  # outputs of ids the frontend never issued are ignored by it
+        self.agentrt_counters["prefetches_issued"] += 1
+        self.agentrt_counters["prefetch_prompt_tokens"] += len(tokens)
+
     def _cached_block(self, hx: str) -> Any | None:
-        key = self._hash_keys.get(hx)
-        if key is None:
-            return None
+        # KV cache group 0: the only group of the decoder-only models this targets; hybrid
+        # (multi-group) models would need one lookup per group.
+        key = make_block_hash_with_group_id(BlockHash(bytes.fromhex(hx)), 0)
         return self.block_pool.cached_block_hash_to_block.get_one_block(key)
 
     def _pin(self, hashes: set[str], now: float) -> None:
@@ -230,9 +275,22 @@ class AgentRuntimeScheduler(Scheduler):
     def pinned_blocks(self) -> int:
         return len(self._pinned)
 
+    def snapshot(self) -> dict[str, Any]:
+        """Every counter of the integration (also exported as Prometheus metrics)."""
+        return {
+            **self.agentrt_counters, "pinned_blocks": self.pinned_blocks,
+            **{f"book_{k}": v for k, v in self.book.counters.items()},
+            **({f"feed_{k}": v for k, v in self.feed.counters.items()} if self.feed else {}),
+            **({f"events_{k}": v for k, v in self.producer.counters.snapshot().items()} if self.producer else {}),
+            "evicted_by_level": list(self.free_queue.evicted_by_level),
+            "decision_latency": self.decision_latency.percentiles(),
+        }
+
     # --- scheduler overrides -------------------------------------------------------------
 
     def add_request(self, request: Any) -> None:
+        if self._block_hasher is None:
+            self._block_hasher = getattr(request, "_block_hasher", None)
         super().add_request(request)
         workload, agent, session = request_identity(request, self.default_workload)
         if agent:
@@ -249,6 +307,9 @@ class AgentRuntimeScheduler(Scheduler):
         if now - self._last_expiry > 1.0:
             self.book.expire(now)
             self._last_expiry = now
+        if now - self._last_log > 60.0:
+            self._last_log = now
+            log.info("agentrt: %s", self.snapshot())
         output = super().schedule(*args, **kwargs)
         for new in output.scheduled_new_reqs:
             request = self.requests.get(new.req_id)

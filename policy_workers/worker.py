@@ -10,10 +10,10 @@ policy, acts on the events that change what should be cached (a step
 ending, a tool call, a handoff, a block removed) and on a timer, and
 publishes decisions to the decisions topic keyed by agent.
 
-State: the policy's learned state is written to a changelog-backed faust
-table (keyed by workload) after each batch and before the batch's offsets are
-acked, so a restarted worker recovers it from the changelog and resumes right
-after it; it is also snapshotted to SQL (SQLAlchemy) every 30 s and at
+State: the policy's learned state is written to a compacted changelog topic
+(keyed by workload) after each batch and before the batch's offsets are
+committed, so a restarted worker recovers it from the changelog and resumes
+right after it; it is also snapshotted to SQL (SQLAlchemy) every 30 s and at
 shutdown, the fallback when the changelog is gone (e.g. the in-memory dev
 broker restarted).
 Malformed messages go to the dead-letter topic with their reason; events the
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +32,12 @@ import faust
 from sqlalchemy import Column, Engine, Float, MetaData, String, Table, Text, create_engine, select
 
 from streams import events as ev
-from streams.admin import latest_values
+from streams.admin import admin_client, latest_values
 from streams.config import StreamsConfig
 from streams.consumer import dead_letter_headers
 from streams.events import EventValidationError
 from streams.serde import decode, encode
+from streams.stats import LatencyReservoir
 from streams.topics import Topics
 
 from . import faust_tuning
@@ -95,30 +95,6 @@ class WorkerCounters:
     send_s: float = 0.0
 
 
-class LatencyReservoir:
-    """Event-in to decision-published latencies (seconds), a bounded uniform sample."""
-
-    def __init__(self, size: int = 20_000, seed: int = 0) -> None:
-        self.size, self.seen, self.sample = size, 0, []
-        self._rng = random.Random(seed)
-
-    def add(self, value: float) -> None:
-        self.seen += 1
-        if len(self.sample) < self.size:
-            self.sample.append(value)
-        else:
-            j = self._rng.randrange(self.seen)
-            if j < self.size:
-                self.sample[j] = value
-
-    def percentiles(self) -> dict[str, float]:
-        if not self.sample:
-            return {}
-        ordered = sorted(self.sample)
-        pick = lambda q: ordered[min(int(q * len(ordered)), len(ordered) - 1)] * 1000  # noqa: E731
-        return {"p50_ms": pick(0.50), "p99_ms": pick(0.99), "max_ms": ordered[-1] * 1000, "n": self.seen}
-
-
 def group_id(policy_name: str, topic_prefix: str = "agentrt") -> str:
     """The policy's consumer group (and faust app id): one per policy and topic prefix."""
     return f"{topic_prefix}-policy-{policy_name}"
@@ -127,6 +103,23 @@ def group_id(policy_name: str, topic_prefix: str = "agentrt") -> str:
 def _learned_summary(policy: Policy, states: dict[str, Any] | None = None) -> dict[str, int]:
     states = policy.to_state() if states is None else states
     return {w: int(s.get("model", {}).get("observed", 0)) if isinstance(s, dict) else 0 for w, s in states.items()}
+
+
+def ensure_state_topic(config: StreamsConfig, name: str) -> None:
+    """The policy's state changelog: one partition (one total order), compacted."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import NewTopic
+
+    admin = admin_client(config.bootstrap_servers)
+    if name in admin.list_topics(timeout=10).topics:
+        return
+    topic = NewTopic(name, 1, config.replication_factor, config={"cleanup.policy": "compact"})
+    for future in admin.create_topics([topic]).values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != 36:  # created meanwhile by another worker
+                raise
 
 
 def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = None, *,
@@ -161,10 +154,13 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
     decisions = app.topic(topics.decisions, key_serializer="raw", value_serializer="raw",
                           partitions=config.partitions)
     dead_letters = app.topic(topics.dead_letters, key_serializer="raw", value_serializer="raw")
-    # Written once per batch rather than per event, so the changelog partition comes from the key
-    # (use_partitioner) instead of the event in hand. JSON codec.
-    state_table = app.Table(f"{policy.name}-state", default=None, partitions=config.partitions,
-                            use_partitioner=True)
+    # Learned state goes to a changelog topic of our own (one partition, compacted, latest value
+    # per workload), written before each batch is acked and read back to its true end on start.
+    # Not a faust Table: after a crash-restart, faust's table recovery left source partitions
+    # paused and consumption stalled on the embedded broker (3 of 4 runs; docs/policy_workers.md).
+    state_topic_name = f"{group_id(policy.name, config.topic_prefix)}-state"
+    ensure_state_topic(config, state_topic_name)
+    state_topic = app.topic(state_topic_name, key_serializer="raw", value_serializer="raw", partitions=1)
     snapshots = SqlSnapshots(snapshot_url) if snapshot_url else None
     counters = WorkerCounters()
     latency = LatencyReservoir()
@@ -173,10 +169,10 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
     app.agentrt_policy = policy  # type: ignore[attr-defined]
 
     def read_changelog() -> dict[str, Any]:
-        # Read the changelog directly, to its true end: faust's own table recovery stops at
-        # the offset ListOffsets reports, which the embedded broker gets wrong (docs/streams.md).
-        raw = latest_values(config.bootstrap_servers, state_table.changelog_topic.get_topic_name())
-        return {json.loads(k): json.loads(v) for k, v in raw.items() if k is not None}
+        # To its true end: readers stopping at the offset ListOffsets reports miss the tail
+        # of the last batch on the embedded broker (docs/streams.md).
+        raw = latest_values(config.bootstrap_servers, state_topic_name)
+        return {k.decode(): json.loads(v) for k, v in raw.items() if k is not None}
 
     async def restore_once() -> None:
         # Once, before the first batch: the changelog wins; SQL fills in workloads it lacks.
@@ -235,7 +231,8 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
                     triggered[event.workload] = max(triggered.get(event.workload, 0.0), message.timestamp or 0.0)
             observed = time.perf_counter()
             for workload, state in policy.to_state(touched).items():
-                state_table[workload] = state  # before the batch is acked
+                # Buffered; faust flushes its producer before it commits the batch's offsets.
+                state_topic.send_soon(key=workload.encode(), value=json.dumps(state).encode())
             counters.observe_s += observed - began
             counters.save_s += time.perf_counter() - observed
             for workload, at in triggered.items():

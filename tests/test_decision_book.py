@@ -24,15 +24,15 @@ def test_block_scores_beat_agent_scores_and_expire():
     assert "aa" not in book.block_scores
 
 
-def test_duplicate_stale_and_unsupported_decisions_are_ignored_and_counted():
+def test_duplicate_and_stale_decisions_are_ignored_and_counted():
     book = DecisionBook()
     assert book.apply(_score(0.5), NOW)
     assert not book.apply(_score(0.5), NOW)  # same id: a replay or duplicate does nothing
     assert not book.apply(_score(0.5, did="old", expires=NOW - 1), NOW)
     prefetch = ev.Prefetch(workload="w", agent="a", time=NOW, policy="p", decision_id="pf", expires_at=NOW + 9,
                            probability=0.9)
-    assert not book.apply(prefetch, NOW)
-    assert book.counters == {"applied:eviction_score": 1, "duplicate": 1, "expired": 1, "unsupported:prefetch": 1}
+    assert book.apply(prefetch, NOW) and not book.apply(prefetch, NOW)
+    assert book.counters == {"applied:eviction_score": 1, "applied:prefetch": 1, "duplicate": 2, "expired": 1}
 
 
 def test_pins_last_their_ttl_and_unpin_ends_them():

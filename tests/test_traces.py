@@ -35,3 +35,13 @@ def test_prompt_blocks_are_shared_exactly_as_far_as_prompts_are():
     assert a[:3] == b[:3] and a[3] != b[3]  # tokens 0..95 are shared; block 3 holds msg1 vs msg2
     assert not set(a) & set(c)  # a different system prompt changes every block after it
     assert block_hashes([("x", 31)]) == []  # only full blocks
+
+
+def test_prompt_token_ids_share_exactly_the_trace_prefixes():
+    from framework_emitter.token_ids import prompt_token_ids
+
+    a = prompt_token_ids([("sys", 50), ("m1", 10)], vocab_size=1000)
+    b = prompt_token_ids([("sys", 50), ("m2", 10)], vocab_size=1000)
+    assert len(a) == 60 and a[:50] == b[:50] and a[50:] != b[50:]
+    assert all(1 <= t < 1000 for t in a)
+    assert prompt_token_ids([("sys", 50), ("m1", 10)], 1000, max_tokens=55) == a[:55]

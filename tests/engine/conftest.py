@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from streams.admin import admin_client
-from streams.broker import EmbeddedBroker
+from streams.broker import EmbeddedBroker, free_port
 from streams.config import StreamsConfig
 from streams.topics import Topics, ensure_topics
 
@@ -38,7 +38,8 @@ def engine(engine_config, tmp_path_factory):
     os.environ.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                        "AGENTRT_BOOTSTRAP_SERVERS": engine_config.bootstrap_servers,
                        "AGENTRT_TOPIC_PREFIX": engine_config.topic_prefix,
-                       "AGENTRT_PARTITIONS": str(engine_config.partitions)})
+                       "AGENTRT_PARTITIONS": str(engine_config.partitions),
+                       "AGENTRT_METRICS_PORT": str(free_port())})
     from vllm import LLM
 
     from engine_emitter.tiny_model import make_random_llama

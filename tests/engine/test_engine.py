@@ -146,6 +146,20 @@ def test_engine_events_arrive_keyed_and_attributed_by_agent(fresh, engine_config
     assert stored[0].block_size == 32 and len(stored[0].block_hashes) == (PREFIX_TOKENS + SUFFIX_TOKENS) // 32
 
 
+def test_counters_are_exported_as_prometheus_metrics(fresh):
+    import os
+    import urllib.request
+
+    llm, scheduler = fresh
+    _planner_then_workers_then_planner(llm)
+    port = os.environ["AGENTRT_METRICS_PORT"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "agentrt_engine_pinned_blocks" in text
+    evicted = sum(scheduler.free_queue.evicted_by_level)
+    assert evicted > 0 and 'agentrt_engine_evictions_total{level="' in text
+    assert f'agentrt_engine_events_total{{kind="evictions"}} {float(scheduler.agentrt_counters["evictions"])}' in text
+
+
 def test_version_guard_the_vllm_internals_we_rely_on():
     """Fails when vLLM moves the seams engine_emitter/ is built on (docs/engine_emitter.md)."""
     import inspect
@@ -169,6 +183,27 @@ def test_version_guard_the_vllm_internals_we_rely_on():
     for name in ("schedule", "update_from_output", "add_request", "shutdown"):
         assert hasattr(Scheduler, name), name
     assert "prefill_stats" in inspect.getsource(Request.__init__)
+
+
+def test_prefetch_restores_an_evicted_prefix_before_the_call(fresh, engine_config):
+    llm, scheduler = fresh
+    _call(llm, "planner", 0)
+    for worker in WORKERS:
+        _call(llm, worker, 0)  # stock LRU has evicted the planner's prefix by now
+    issued = scheduler.agentrt_counters["prefetches_issued"]
+    before = scheduler.feed.counters["received"]
+    _publish(engine_config, _decision(ev.Prefetch, "planner", f"pf-{time.time()}", session="s1", probability=0.9))
+    _delivered(scheduler, before + 1)
+    _call(llm, "reviewer", 0)  # any step applies it; the prefetch runs beside this request
+    assert scheduler.agentrt_counters["prefetches_issued"] == issued + 1
+    assert _call(llm, "planner", 1)[0] == PREFIX_TOKENS
+    # A prefix already resident is not prefetched again.
+    before = scheduler.feed.counters["received"]
+    _publish(engine_config, _decision(ev.Prefetch, "planner", f"pf2-{time.time()}", session="s1", probability=0.9))
+    _delivered(scheduler, before + 1)
+    _call(llm, "reviewer", 1)
+    assert scheduler.agentrt_counters["prefetches_issued"] == issued + 1
+    assert scheduler.agentrt_counters["prefetch_already_resident"] >= 1
 
 
 def test_with_the_broker_gone_the_engine_keeps_serving_identical_tokens(engine, engine_broker):
