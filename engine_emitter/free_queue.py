@@ -21,13 +21,14 @@ class ScoredFreeBlockQueue:
         self._queues = [FreeKVCacheBlockQueue([]) for _ in range(levels + 1)]
         self._level: dict[int, int] = {}  # block_id -> level, for blocks in the queue
         self._level_of = level_of
+        self._free = 0  # kept in step: vLLM reads num_free_blocks on every allocation check
         self.evicted_by_level = [0] * (levels + 1)  # cached blocks handed out for reuse, by level
         blocks = stock.popleft_n(stock.num_free_blocks)  # keep their current order
         self.append_n(blocks)
 
     @property
     def num_free_blocks(self) -> int:
-        return sum(q.num_free_blocks for q in self._queues)
+        return self._free
 
     def level(self, block: KVCacheBlock) -> int | None:
         return self._level.get(block.block_id)
@@ -36,6 +37,7 @@ class ScoredFreeBlockQueue:
         for q in self._queues:
             if q.num_free_blocks:
                 block = q.popleft()
+                self._free -= 1
                 level = self._level.pop(block.block_id)
                 if block.block_hash is not None:
                     self.evicted_by_level[level] += 1
@@ -50,6 +52,7 @@ class ScoredFreeBlockQueue:
             take = min(n - len(out), q.num_free_blocks)
             if take:
                 out.extend(q.popleft_n(take))
+        self._free -= len(out)
         if len(out) < n:
             raise AssertionError(f"asked for {n} free blocks, {len(out)} available")
         for block in out:
@@ -61,11 +64,13 @@ class ScoredFreeBlockQueue:
     def remove(self, block: KVCacheBlock) -> None:
         level = self._level.pop(block.block_id)
         self._queues[level].remove(block)
+        self._free -= 1
 
     def append(self, block: KVCacheBlock) -> None:
         level = self._level_of(block)
         self._queues[level].append(block)
         self._level[block.block_id] = level
+        self._free += 1
 
     def append_n(self, blocks: list[KVCacheBlock]) -> None:
         for block in blocks:
@@ -74,6 +79,7 @@ class ScoredFreeBlockQueue:
     def prepend_n(self, blocks: list[KVCacheBlock]) -> None:
         # vLLM prepends only blocks without cached content: level 0, reused first.
         self._queues[0].prepend_n(blocks)
+        self._free += len(blocks)
         for block in blocks:
             self._level[block.block_id] = 0
 
@@ -99,6 +105,11 @@ class ScoredFreeBlockQueue:
                 yield block
             elif block is cursor:
                 seen_cursor = True
+
+    def check(self) -> None:
+        """Consistency of the bookkeeping with the lists (tests)."""
+        sizes = [q.num_free_blocks for q in self._queues]
+        assert sum(sizes) == self._free == len(self._level), (sizes, self._free, len(self._level))
 
     def level_sizes(self) -> list[int]:
         return [q.num_free_blocks for q in self._queues]

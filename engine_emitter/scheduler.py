@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SCORE_LEVELS = 20
 NEUTRAL_SCORE = 0.5  # blocks no decision speaks of sit between low- and high-value ones
+NEUTRAL_LEVEL = 1 + min(int(NEUTRAL_SCORE * SCORE_LEVELS), SCORE_LEVELS - 1)
 
 
 def request_identity(request: Any, default_workload: str) -> tuple[str, str, str | None]:
@@ -83,8 +84,10 @@ class AgentRuntimeScheduler(Scheduler):
         self._pinned: dict[int, tuple[Any, float]] = {}  # block_id -> (block, until)
         self._removed: dict[AgentKey, list[str]] = {}
         self._timing: dict[str, dict[str, float]] = {}
-        # (workload, agent, session) -> (token ids, block hashes) of its latest cached prefix, for prefetch
-        self._prefixes: OrderedDict[tuple[str, str, str | None], tuple[list[int], list[str]]] = OrderedDict()
+        # (workload, agent, session) -> (request, full blocks) of its latest cached prefix, for prefetch;
+        # token ids and hashes are read from the request only when a prefetch needs them.
+        self._prefixes: OrderedDict[tuple[str, str, str | None], tuple[Any, int]] = OrderedDict()
+        self._now = time.time()  # one clock read per step
         self._block_hasher: Any = None  # vLLM's, taken from the first request (prefetches need it)  # request id -> scheduled_at, cached, ttft
         self._last_expiry = 0.0
         self._last_log = time.time()
@@ -151,11 +154,9 @@ class AgentRuntimeScheduler(Scheduler):
             self._agent_hashes.get(old.key, set()).discard(hx)
         if agent and num_full_blocks:
             key = (workload, agent, session)
-            tokens = list(request.all_token_ids[: num_full_blocks * self._block_size])
-            chain = [bytes(h).hex() for h in request.block_hashes[:num_full_blocks]]  # plain hashes: no group id
-            self._prefixes[key] = (tokens, chain)
+            self._prefixes[key] = (request, num_full_blocks)
             self._prefixes.move_to_end(key)
-            while len(self._prefixes) > 4096:
+            while len(self._prefixes) > 1024:
                 self._prefixes.popitem(last=False)
         if hashes:
             self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=time.time(),
@@ -173,13 +174,14 @@ class AgentRuntimeScheduler(Scheduler):
     def _level_of(self, block: Any) -> int:
         if block.block_hash is None:
             return 0
+        if not (self.book.block_scores or self.book.agent_scores):
+            return NEUTRAL_LEVEL  # no decisions at all: stock LRU order
         hx = get_block_hash(block.block_hash).hex()
         owner = self._owners.get(hx)
-        score = self.book.score(hx, owner.key if owner else None, time.time())
+        score = self.book.score(hx, owner.key if owner else None, self._now)
         if score is None:
-            score = NEUTRAL_SCORE
-        else:
-            self.agentrt_counters["scored_frees"] += 1
+            return NEUTRAL_LEVEL
+        self.agentrt_counters["scored_frees"] += 1
         return 1 + min(int(score * SCORE_LEVELS), SCORE_LEVELS - 1)
 
     # --- decisions -------------------------------------------------------------------
@@ -217,7 +219,9 @@ class AgentRuntimeScheduler(Scheduler):
         if found is None or self._block_hasher is None:
             self.agentrt_counters["prefetch_unknown_prefix"] += 1
             return
-        tokens, chain = found
+        source, num_full_blocks = found
+        tokens = list(source.all_token_ids[: num_full_blocks * self._block_size])
+        chain = [bytes(h).hex() for h in source.block_hashes[:num_full_blocks]]  # plain hashes: no group id
         if all(self._cached_block(hx) is not None for hx in chain):
             self.agentrt_counters["prefetch_already_resident"] += 1
             return
@@ -299,7 +303,7 @@ class AgentRuntimeScheduler(Scheduler):
                                         priority=max(int(request.priority), 0)))
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        now = time.time()
+        now = self._now = time.time()
         if self.feed is not None:
             self.apply_decisions(self.feed.drain())
         else:

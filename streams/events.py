@@ -15,6 +15,7 @@ error (a typo, not an extension).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import types
 import typing
@@ -35,8 +36,13 @@ class EventValidationError(ValueError):
         self.reason = reason
 
 
+_ID_PREFIX = uuid.uuid4().hex[:16]  # random per process
+_ID_COUNTER = itertools.count()
+
+
 def new_event_id() -> str:
-    return uuid.uuid4().hex
+    """Unique event id: a random per-process prefix and a counter (uuid4 per event costs ~30 µs)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
 
 
 # Python attribute -> wire attribute. OpenTelemetry GenAI names where they exist.

@@ -113,6 +113,7 @@ def test_the_pin_cap_holds_and_allocation_never_starves(fresh, engine_config):
     assert scheduler.agentrt_counters["pins_refused_cap"] > 0
     for worker in WORKERS:  # requests needing 9 blocks each keep being served
         assert len(_call(llm, worker, 1)[1]) == 4
+    scheduler.free_queue.check()
 
 
 def test_engine_events_arrive_keyed_and_attributed_by_agent(fresh, engine_config):
