@@ -11,7 +11,8 @@ calls of the real trace (16 sessions interleaved), prompts rebuilt as token
 ids with the trace's prefix sharing, 8 output tokens each, all submitted at
 once (continuous batching). Overhead = integration wall time / stock wall
 time - 1. Decision latency: while the integration runs, a thread publishes
-eviction-score decisions at --decision-rate per second through the broker;
+eviction-score decisions at --decision-rate per second through the broker
+(from a separate process, as the policy worker would be);
 latency = decision made (its time field) -> applied at a step boundary. The
 scores are the neutral 0.5 (the level of blocks no decision mentions), so the
 decisions are processed in full yet cannot change what is evicted: both
@@ -21,9 +22,9 @@ is the integration's cost alone.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
-import threading
 import time
 import uuid
 
@@ -35,6 +36,23 @@ def _prompts(trace: str, calls: int, vocab: int, max_len: int) -> list[list[int]
 
     chosen = list(interleave(sessions(read_trace(trace)), concurrency=16))[:calls]
     return [prompt_token_ids(c.segments, vocab, max_tokens=max_len - 16) for c in chosen], chosen
+
+
+def _publish_decisions(config, workload: str, agents: list[str], rate: float, stop) -> None:  # noqa: ANN001
+    """The policy side, in its own process as in production: neutral scores at ``rate`` per second."""
+    from streams import events as ev
+    from streams.producer import EventProducer
+    from streams.topics import Topics
+
+    with EventProducer(config, Topics.for_prefix(config.topic_prefix)) as producer:
+        i = 0
+        while not stop.is_set():
+            now = time.time()
+            producer.publish(ev.EvictionScore(workload=workload, agent=agents[i % len(agents)], time=now,
+                                              policy="bench", decision_id=f"bench-{uuid.uuid4().hex}",
+                                              expires_at=now + 30, score=0.5))
+            i += 1
+            stop.wait(1.0 / rate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.inputs import TokensPrompt
 
     from engine_emitter.tiny_model import SIZES, make_random_llama
-    from streams import events as ev
-    from streams.producer import EventProducer
-
     model = make_random_llama(os.path.expanduser(f"~/.cache/agentrt/model-{args.model_size}"), args.model_size)
     prompts, calls = _prompts(args.trace, args.calls, SIZES[args.model_size][4], 4096)
     tokens = sum(len(p) for p in prompts)
@@ -90,25 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     sampling = [params(c) for c in calls]
     agents = sorted({c.agent for c in calls})
 
-    def publish_decisions(stop: threading.Event) -> None:
-        with EventProducer(config, topics) as producer:
-            i = 0
-            while not stop.is_set():
-                now = time.time()
-                producer.publish(ev.EvictionScore(workload=args.trace, agent=agents[i % len(agents)], time=now,
-                                                  policy="bench", decision_id=f"bench-{uuid.uuid4().hex}",
-                                                  expires_at=now + 30, score=0.5))
-                i += 1
-                stop.wait(1.0 / args.decision_rate)
 
+    ctx = multiprocessing.get_context("spawn")
     walls: dict[str, list[float]] = {"stock": [], "integration": []}
     cached: dict[str, list[int]] = {"stock": [], "integration": []}
     outputs: dict[str, list] = {}
     for repeat in range(args.repeats):
         for name, llm in engines.items():
             llm.reset_prefix_cache()
-            stop = threading.Event()
-            feeder = threading.Thread(target=publish_decisions, args=(stop,))
+            stop = ctx.Event()
+            feeder = ctx.Process(target=_publish_decisions,
+                                 args=(config, args.trace, agents, args.decision_rate, stop))
             if name == "integration":
                 feeder.start()
             began = time.perf_counter()
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             walls[name].append(time.perf_counter() - began)
             stop.set()
             if feeder.is_alive():
-                feeder.join()
+                feeder.join(10)
             outputs[name] = [list(o.outputs[0].token_ids) for o in result]
             cached[name].append(sum(o.num_cached_tokens for o in result))
         print(f"repeat {repeat + 1}: stock {walls['stock'][-1]:.2f}s, integration {walls['integration'][-1]:.2f}s, "

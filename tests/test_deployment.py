@@ -20,6 +20,10 @@ def test_compose_file_describes_kraft_kafka_and_points_services_at_it():
     for name, service in spec["services"].items():
         if service.get("image", "").startswith("agentrt"):
             assert service["environment"]["AGENTRT_BOOTSTRAP_SERVERS"] == "kafka:9092", name
+    assert spec["services"]["policy-worker"]["command"][:3] == ["worker", "--policy", "cachesage"]
+    vllm = spec["services"]["vllm"]
+    assert "engine_emitter.scheduler.AgentRuntimeScheduler" in vllm["command"]
+    assert (ROOT / vllm["build"]["dockerfile"]).exists()
 
 
 @pytest.mark.skipif(not shutil.which("docker") or subprocess.run(["docker", "compose", "version"],
