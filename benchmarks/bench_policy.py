@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from streams.broker import EmbeddedBroker
 from streams.config import StreamsConfig
 from streams.producer import EventProducer
 from streams.topics import Topics, ensure_topics
+
+from .report import spread
 
 
 def _events(trace: str, n_sessions: int) -> list:
@@ -120,10 +121,6 @@ def _in_process(events: list) -> float:
     return len(events) / (time.perf_counter() - began)
 
 
-def _spread(values: list[float], unit: str = "") -> str:
-    return f"median {statistics.median(values):,.1f}{unit} (min {min(values):,.1f}, max {max(values):,.1f})"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agentrt bench policy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms, max {latency['max_ms']:.1f} ms "
               f"({latency['n']} decisions); learned state {state[-1]:,} bytes; skipped {paced['skipped']}",
               flush=True)
-    print(f"\nevents/s, policy alone (no Kafka): {_spread(alone)}")
-    print(f"events/s, one worker: {_spread(throughput)}")
-    print(f"decision latency p50 ms at {args.rate:g} events/s: {_spread(p50)}")
-    print(f"decision latency p99 ms at {args.rate:g} events/s: {_spread(p99)}")
-    print(f"learned state bytes per workload: {_spread(state)}")
+    print(f"\nevents/s, policy alone (no Kafka): {spread(alone)}")
+    print(f"events/s, one worker: {spread(throughput)}")
+    print(f"decision latency p50 ms at {args.rate:g} events/s: {spread(p50)}")
+    print(f"decision latency p99 ms at {args.rate:g} events/s: {spread(p99)}")
+    print(f"learned state bytes per workload: {spread(state)}")
     return 0
 
 

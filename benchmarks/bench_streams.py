@@ -25,6 +25,8 @@ from streams.producer import EventProducer
 from streams.serde import encode
 from streams.topics import Topics, ensure_topics
 
+from .report import spread
+
 
 def realistic_events(n: int, now: float) -> list[ev.Event]:
     out: list[ev.Event] = []
@@ -124,10 +126,6 @@ def measure_latency(config: StreamsConfig, topics: Topics, rate: float, seconds:
             "max_ms": ms[-1]}
 
 
-def _spread(values: list[float]) -> str:
-    return f"median {statistics.median(values):,.1f} (min {min(values):,.1f}, max {max(values):,.1f})"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agentrt bench streams", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             if broker:
                 broker.stop()
     print(f"\npublish throughput, events/s ({args.events:,} events x {args.repeats}): "
-              f"{_spread([r['publish_eps'] for r in runs_tp])}")
-    print(f"delivered throughput, events/s: {_spread([r['delivered_eps'] for r in runs_tp])}")
-    print(f"p50 latency ms at {args.rate:g} ev/s: {_spread([r['p50_ms'] for r in runs_lat])}")
-    print(f"p99 latency ms at {args.rate:g} ev/s: {_spread([r['p99_ms'] for r in runs_lat])}")
+              f"{spread([r['publish_eps'] for r in runs_tp])}")
+    print(f"delivered throughput, events/s: {spread([r['delivered_eps'] for r in runs_tp])}")
+    print(f"p50 latency ms at {args.rate:g} ev/s: {spread([r['p50_ms'] for r in runs_lat])}")
+    print(f"p99 latency ms at {args.rate:g} ev/s: {spread([r['p99_ms'] for r in runs_lat])}")
     return 0
 
 
