@@ -304,6 +304,28 @@ class CacheSage(Policy):
         shared = shared or len({session for _, session in users}) >= 2
         return users, shared
 
+    def _without_user(self, key: tuple, user: tuple[str, str]) -> tuple:
+        users, shared = key
+        return tuple(u for u in users if u != user), shared
+
+    def _drop_user(self, w: _Workload, user: tuple[str, str], hashes: Iterable[str]) -> None:
+        """``user`` will not reuse these blocks: its next call extends its latest prompt, not these."""
+        new_keys: dict[tuple, tuple] = {}
+        moves: dict[tuple[tuple, tuple], list[str]] = {}
+        for block_hash in hashes:
+            block = w.blocks.get(block_hash)
+            if block is None or user not in block.key[0]:
+                continue
+            old = block.key
+            new = new_keys.get(old)
+            if new is None:
+                new = new_keys[old] = self._without_user(old, user)
+            block.key = new
+            if block.resident:
+                moves.setdefault((old, new), []).append(block_hash)
+        for (old, new), moved in moves.items():
+            w.regroup(moved, old, new)
+
     def _on_blocks_stored(self, w: _Workload, event: ev.KvBlocksStored) -> None:
         user = (event.agent, event.session) if event.agent and event.session else None
         new_keys: dict[tuple, tuple] = {}
@@ -330,6 +352,9 @@ class CacheSage(Policy):
             if request is not None and request == event.request:
                 hashes = hashes + [h for h in event.block_hashes if h not in hashes]
             else:
+                if hashes:  # a new prompt: the part of the previous one it does not share is dead to this user
+                    current = set(event.block_hashes)
+                    self._drop_user(w, user, [h for h in hashes if h not in current])
                 hashes = list(event.block_hashes)
             w.prefix_of[user] = (event.request, hashes)
         while len(w.blocks) > self.config.max_blocks:

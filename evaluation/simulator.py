@@ -1,0 +1,278 @@
+"""A model of vLLM v1's prefix-cache block pool, driven by the shared traces (pure, no I/O).
+
+What it models (vLLM 0.32, see ../shared/notes/vllm-integration.md):
+- blocks of ``block_size`` tokens identified by chained hashes (framework_emitter.prefix_blocks);
+- a call hits the leading full prompt blocks that are cached (resident, in use or free);
+- the call then allocates the rest, taking free blocks in eviction order and dropping their
+  cached content; its full blocks become cached;
+- when it finishes, its blocks are freed tail first (the chain's tail is evicted first, as
+  vLLM orders them); generated tokens are not cached;
+- calls run one at a time in the order of ``interleave`` (16 sessions active at once).
+
+One simplification: a hash is one block. When a call misses early in its chain but a later
+block of the chain is still cached, vLLM computes it again into a new block and keeps both
+(duplicates) until one is evicted; here the call takes the cached one back instead.
+
+The eviction order is the policy: ``LRU`` (stock), ``Belady`` (the offline optimum: evict the
+free block needed farthest in the future), and ``Scored`` (score levels, LRU within a level)
+fed by the real policy code (CacheSage) through the real decision path
+(``engine_emitter.decision_book.DecisionBook``), as in the engine.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from engine_emitter.decision_book import DecisionBook
+from framework_emitter.prefix_blocks import block_hashes
+from framework_emitter.traces import TraceCall
+from streams import events as ev
+
+SCORE_LEVELS = 20
+NEUTRAL_SCORE = 0.5
+
+
+class EvictionOrder:
+    """Free cached blocks, in the order they would be evicted."""
+
+    def add(self, h: str, now: int) -> None: ...
+    def remove(self, h: str) -> None: ...
+    def pop(self, now: int) -> str: ...
+    def __len__(self) -> int: ...
+
+
+class LRU(EvictionOrder):
+    def __init__(self) -> None:
+        self._free: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, h: str, now: int) -> None:
+        self._free[h] = None
+
+    def remove(self, h: str) -> None:
+        del self._free[h]
+
+    def pop(self, now: int) -> str:
+        return self._free.popitem(last=False)[0]
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+
+class Belady(EvictionOrder):
+    """Evict the free block whose next use is farthest away (never again: first)."""
+
+    def __init__(self, uses: dict[str, list[int]]) -> None:
+        self._uses = uses  # block hash -> call indices that use it, ascending
+        self._heap: list[tuple[float, str]] = []
+        self._free: set[str] = set()
+
+    def _next_use(self, h: str, now: int) -> float:
+        uses = self._uses.get(h, [])
+        lo, hi = 0, len(uses)
+        while lo < hi:  # first use strictly after now
+            mid = (lo + hi) // 2
+            if uses[mid] <= now:
+                lo = mid + 1
+            else:
+                hi = mid
+        return uses[lo] if lo < len(uses) else math.inf
+
+    def add(self, h: str, now: int) -> None:
+        self._free.add(h)
+        heapq.heappush(self._heap, (-self._next_use(h, now), h))
+
+    def remove(self, h: str) -> None:
+        self._free.discard(h)  # its heap entry goes stale and is skipped
+
+    def pop(self, now: int) -> str:
+        while True:
+            neg_next, h = heapq.heappop(self._heap)
+            if h in self._free and -neg_next == self._next_use(h, now):
+                self._free.discard(h)
+                return h
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+
+class Scored(EvictionOrder):
+    """Score levels (lowest evicted first), LRU within a level; scores from a DecisionBook."""
+
+    def __init__(self, book: DecisionBook, owner_of: Callable[[str], tuple[str, str] | None],
+                 clock: Callable[[], float]) -> None:
+        self.book, self._owner_of, self._clock = book, owner_of, clock
+        self._levels = [OrderedDict() for _ in range(SCORE_LEVELS)]
+        self._level_of: dict[str, int] = {}
+
+    def level(self, h: str) -> int:
+        score = self.book.score(h, self._owner_of(h), self._clock())
+        score = NEUTRAL_SCORE if score is None else score
+        return min(int(score * SCORE_LEVELS), SCORE_LEVELS - 1)
+
+    def add(self, h: str, now: int) -> None:
+        level = self.level(h)
+        self._levels[level][h] = None
+        self._level_of[h] = level
+
+    def remove(self, h: str) -> None:
+        del self._levels[self._level_of.pop(h)][h]
+
+    def relevel(self, hashes: Iterable[str]) -> None:
+        for h in hashes:
+            current = self._level_of.get(h)
+            if current is not None and self.level(h) != current:
+                self.remove(h)
+                self.add(h, 0)
+
+    def pop(self, now: int) -> str:
+        for level in self._levels:
+            if level:
+                h = level.popitem(last=False)[0]
+                del self._level_of[h]
+                return h
+        raise IndexError("no free block")
+
+    def __len__(self) -> int:
+        return len(self._level_of)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    capacity_blocks: int
+    prompt_tokens: int = 0
+    hit_tokens: int = 0
+    calls: int = 0
+    evictions: int = 0
+    per_call_hits: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def distinct_blocks(calls: Sequence[TraceCall], block_size: int = 32) -> int:
+    return len({h for c in calls for h in block_hashes(c.segments, block_size)})
+
+
+def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOrder, *, block_size: int = 32,
+             name: str = "", on_call: Callable[[int, TraceCall, list[str], int], None] | None = None,
+             on_evict: Callable[[str], None] | None = None, after_call: Callable[[int, TraceCall], None] | None = None
+             ) -> SimResult:
+    """Run the calls through a block pool of ``capacity_blocks`` with eviction ``order``.
+
+    Callbacks let a policy observe (``on_call(i, call, hashes, hit_blocks)``, ``on_evict(h)``)
+    and act (``after_call``) between calls, as the stream would around an engine.
+    """
+    cached: set[str] = set()  # hashes with a block (in use or free)
+    free_uncached = capacity_blocks  # empty blocks (never cached, or dropped)
+    result = SimResult(name or type(order).__name__, capacity_blocks)
+    for i, call in enumerate(calls):
+        hashes = block_hashes(call.segments, block_size)
+        prompt = call.prompt_tokens
+        hit = 0
+        for h in hashes:  # leading resident blocks
+            if h not in cached:
+                break
+            hit += 1
+        hit_tokens = min(hit * block_size, max(prompt - 1, 0))  # vLLM always computes the last token
+        members = order_members(order)
+        for h in hashes:  # every cached block of the prompt is in use now: out of the free queue
+            if h in members:
+                order.remove(h)
+        need = sum(h not in cached for h in hashes) + (1 if prompt % block_size else 0)
+        # Allocate: empty blocks first, then evict free cached ones in policy order.
+        take_empty = min(need, free_uncached)
+        free_uncached -= take_empty
+        for _ in range(need - take_empty):
+            if len(order) == 0:
+                break  # the request does not fit: in vLLM it would wait; counted as computed
+            victim = order.pop(i)
+            cached.discard(victim)
+            result.evictions += 1
+            if on_evict:
+                on_evict(victim)
+        if on_call:
+            on_call(i, call, hashes, hit)
+        cached.update(hashes)
+        # Finish: free the request's blocks, tail of the chain evicted first.
+        for h in reversed(hashes):
+            order.add(h, i)
+        if prompt % block_size:
+            free_uncached += 1  # the partial block holds nothing reusable
+        result.prompt_tokens += prompt
+        result.hit_tokens += hit_tokens
+        result.calls += 1
+        result.per_call_hits.append(hit_tokens)
+        if after_call:
+            after_call(i, call)
+    return result
+
+
+def order_members(order: EvictionOrder):  # noqa: ANN201 - a container for membership tests
+    if isinstance(order, LRU):
+        return order._free
+    if isinstance(order, Belady):
+        return order._free
+    if isinstance(order, Scored):
+        return order._level_of
+    raise TypeError(type(order))
+
+
+def block_uses(calls: Sequence[TraceCall], block_size: int = 32) -> dict[str, list[int]]:
+    uses: dict[str, list[int]] = {}
+    for i, call in enumerate(calls):
+        for h in block_hashes(call.segments, block_size):
+            uses.setdefault(h, []).append(i)
+    return uses
+
+
+def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, block_size: int = 32,
+                  policy=None) -> SimResult:  # noqa: ANN001
+    """The real CacheSage, fed the events a run would produce, its decisions applied through a DecisionBook."""
+    from policy_workers.cachesage import CacheSage
+
+    sage = policy or CacheSage()
+    book = DecisionBook()
+    owners: dict[str, tuple[str, str]] = {}
+    clock = {"t": 1_000_000.0}
+    order = Scored(book, owners.get, lambda: clock["t"])
+    previous: dict[str, TraceCall] = {}
+    steps: dict[str, int] = {}
+    evicted: list[str] = []
+
+    def on_call(i: int, call: TraceCall, hashes: list[str], hit: int) -> None:
+        clock["t"] += 1.0
+        now = clock["t"]
+        step = steps.get(call.session, 0)
+        steps[call.session] = step + 1
+        before = previous.get(call.session)
+        sage.observe(ev.AgentStepStart(workload=workload, agent=call.agent, session=call.session, step=step,
+                                       time=now, prefix_fingerprint="-", prefix_tokens=0,
+                                       previous_agent=before.agent if before else None))
+        if evicted:
+            sage.observe(ev.KvBlocksRemoved(workload=workload, agent="", time=now, block_hashes=tuple(evicted)))
+            evicted.clear()
+        if hashes:
+            sage.observe(ev.KvBlocksStored(workload=workload, agent=call.agent, session=call.session, time=now,
+                                           request=f"{call.session}-{step}", block_hashes=tuple(hashes),
+                                           block_size=block_size))
+            for h in hashes:
+                owners[h] = (workload, call.agent)
+        sage.observe(ev.AgentStepEnd(workload=workload, agent=call.agent, session=call.session, step=step,
+                                     time=now + 0.5))
+        previous[call.session] = call
+
+    def after_call(i: int, call: TraceCall) -> None:
+        now = clock["t"] + 0.6
+        touched = []
+        for decision in sage.act(workload, now):
+            if book.apply(decision, now):
+                touched.extend(decision.block_hashes)
+        order.relevel(touched)
+
+    return simulate(calls, capacity_blocks, order, block_size=block_size, name="CacheSage", on_call=on_call,
+                    on_evict=evicted.append, after_call=after_call)
