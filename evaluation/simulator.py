@@ -42,6 +42,7 @@ class EvictionOrder:
     def remove(self, h: str) -> None: ...
     def pop(self, now: int) -> str: ...
     def __len__(self) -> int: ...
+    def __contains__(self, h: str) -> bool: ...
 
 
 class LRU(EvictionOrder):
@@ -59,6 +60,9 @@ class LRU(EvictionOrder):
 
     def __len__(self) -> int:
         return len(self._free)
+
+    def __contains__(self, h: str) -> bool:
+        return h in self._free
 
 
 class Belady(EvictionOrder):
@@ -96,6 +100,9 @@ class Belady(EvictionOrder):
 
     def __len__(self) -> int:
         return len(self._free)
+
+    def __contains__(self, h: str) -> bool:
+        return h in self._free
 
 
 class Scored(EvictionOrder):
@@ -138,6 +145,9 @@ class Scored(EvictionOrder):
     def __len__(self) -> int:
         return len(self._level_of)
 
+    def __contains__(self, h: str) -> bool:
+        return h in self._level_of
+
 
 @dataclass
 class SimResult:
@@ -179,9 +189,8 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
                 break
             hit += 1
         hit_tokens = min(hit * block_size, max(prompt - 1, 0))  # vLLM always computes the last token
-        members = order_members(order)
         for h in hashes:  # every cached block of the prompt is in use now: out of the free queue
-            if h in members:
+            if h in order:
                 order.remove(h)
         need = sum(h not in cached for h in hashes) + (1 if prompt % block_size else 0)
         # Allocate: empty blocks first, then evict free cached ones in policy order.
@@ -210,16 +219,6 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
         if after_call:
             after_call(i, call)
     return result
-
-
-def order_members(order: EvictionOrder):  # noqa: ANN201 - a container for membership tests
-    if isinstance(order, LRU):
-        return order._free
-    if isinstance(order, Belady):
-        return order._free
-    if isinstance(order, Scored):
-        return order._level_of
-    raise TypeError(type(order))
 
 
 def block_uses(calls: Sequence[TraceCall], block_size: int = 32) -> dict[str, list[int]]:
