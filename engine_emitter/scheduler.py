@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 from collections import Counter, OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 from vllm.v1.core.kv_cache_utils import BlockHash, get_block_hash, make_block_hash_with_group_id
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -88,7 +88,11 @@ class AgentRuntimeScheduler(Scheduler):
         # token ids and hashes are read from the request only when a prefetch needs them.
         self._prefixes: OrderedDict[tuple[str, str, str | None], tuple[Any, int]] = OrderedDict()
         self._now = time.time()  # one clock read per step
-        self._block_hasher: Any = None  # vLLM's, taken from the first request (prefetches need it)  # request id -> scheduled_at, cached, ttft
+        self._block_hasher: Any = None  # vLLM's, taken from the first request (prefetches need it)
+        self._reported: dict[str, int] = {}  # request id -> leading blocks of its chain already reported stored
+        # In-process listeners of every event the engine emits (a co-located policy, an evaluation):
+        # called on the engine thread, so they must be quick; an exception only detaches nothing and is counted.
+        self.observers: list[Callable[[ev.Event], None]] = []
         self._last_expiry = 0.0
         self._last_log = time.time()
         self.decision_latency = LatencyReservoir()  # decision made (its time) -> applied here
@@ -122,23 +126,24 @@ class AgentRuntimeScheduler(Scheduler):
 
         def cache_full_blocks_hook(request, blocks, num_cached_blocks, num_full_blocks, *args, **kwargs):  # noqa: ANN001
             cache_full_blocks(request, blocks, num_cached_blocks, num_full_blocks, *args, **kwargs)
-            self._on_blocks_cached(request, blocks[num_cached_blocks:num_full_blocks], num_full_blocks)
+            self._on_blocks_cached(request, blocks, num_cached_blocks, num_full_blocks)
+            self._demote_redundant(blocks[num_cached_blocks:num_full_blocks])
 
         def evict_hook(block):  # noqa: ANN001
             block_hash = block.block_hash
             evicted = maybe_evict(block)
-            if evicted and block_hash is not None:
+            if evicted and block_hash is not None and not self._copies(block_hash):
                 self._on_block_evicted(get_block_hash(block_hash).hex())
             return evicted
 
         pool.cache_full_blocks = cache_full_blocks_hook
         pool._maybe_evict_cached_block = evict_hook
 
-    def _on_blocks_cached(self, request: Any, blocks: list[Any], num_full_blocks: int) -> None:
+    def _on_blocks_cached(self, request: Any, blocks: list[Any], num_cached_blocks: int, num_full_blocks: int) -> None:
         workload, agent, session = request_identity(request, self.default_workload)
         owner = _Owner(workload, agent, session)
         hashes = []
-        for block in blocks:
+        for block in blocks[num_cached_blocks:num_full_blocks]:
             if block.block_hash is None or block.is_null:
                 continue
             hx = get_block_hash(block.block_hash).hex()
@@ -148,6 +153,14 @@ class AgentRuntimeScheduler(Scheduler):
             self._owners[hx] = owner
             self._agent_hashes.setdefault(owner.key, set()).add(hx)
             hashes.append(hx)
+        # A request's first report is its whole chain, cache hits included ("full" reporting): a policy
+        # needs every block a call uses, not only those it computed, to know which blocks agents reuse.
+        start = num_cached_blocks
+        if request.request_id not in self._reported:
+            start = 0
+            hashes = [get_block_hash(b.block_hash).hex() for b in blocks[:num_cached_blocks]
+                      if b.block_hash is not None and not b.is_null] + hashes
+        self._reported[request.request_id] = start + len(hashes)
         limit = 16 * self.block_pool.num_gpu_blocks  # attribution memory, beyond what is resident
         while len(self._owners) > limit:
             hx, old = self._owners.popitem(last=False)
@@ -161,7 +174,21 @@ class AgentRuntimeScheduler(Scheduler):
         if hashes:
             self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=time.time(),
                                          request=request.request_id, block_hashes=tuple(hashes),
-                                         block_size=self._block_size))
+                                         block_size=self._block_size, start_index=start))
+
+    def _report_chain(self, request: Any, workload: str, agent: str, session: str | None, now: float) -> None:
+        """A newly scheduled request's whole prompt chain, when computing it cached no new block (all hits)."""
+        if request.request_id in self._reported:
+            return
+        full = request.num_prompt_tokens // self._block_size
+        chain = [bytes(h).hex() for h in request.block_hashes[:full]]
+        self._reported[request.request_id] = len(chain)
+        if len(self._reported) > 4 * self.max_num_running_reqs + 1024:  # aborted requests never finish here
+            del self._reported[next(iter(self._reported))]
+        if chain:
+            self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=now,
+                                         request=request.request_id, block_hashes=tuple(chain),
+                                         block_size=self._block_size, start_index=0))
 
     def _on_block_evicted(self, hx: str) -> None:
         owner = self._owners.pop(hx, None)
@@ -171,11 +198,41 @@ class AgentRuntimeScheduler(Scheduler):
         self._removed.setdefault(key, []).append(hx)
         self.agentrt_counters["evictions"] += 1
 
+    def _copies(self, block_hash: Any) -> list[Any]:
+        """Every block holding this content: vLLM recomputes a chain after its first miss, so a
+        block whose earlier neighbour was evicted gets a second copy (both stay cached)."""
+        cache = getattr(self.block_pool.cached_block_hash_to_block, "_cache", None)
+        entry = cache.get(block_hash) if cache is not None else None
+        if entry is None:
+            return []
+        return list(entry.values()) if isinstance(entry, dict) else [entry]
+
+    def _redundant(self, block: Any) -> bool:
+        """Another copy of this block's content is in use, or free and not itself marked redundant."""
+        for other in self._copies(block.block_hash):
+            if other.block_id != block.block_id and (other.ref_cnt > 0 or self.free_queue.level(other) not in (None, 0)):
+                return True
+        return False
+
+    def _demote_redundant(self, new_blocks: list[Any]) -> None:
+        """Free copies of content just computed again are pure waste: evict them first (when steering)."""
+        if not (self.book.block_scores or self.book.agent_scores):
+            return  # no decisions: stock behaviour, duplicates included
+        for block in new_blocks:
+            if block.block_hash is None:
+                continue
+            for other in self._copies(block.block_hash):
+                if other.block_id != block.block_id and other.ref_cnt == 0:
+                    self.free_queue.relevel(other)
+
     def _level_of(self, block: Any) -> int:
         if block.block_hash is None:
             return 0
         if not (self.book.block_scores or self.book.agent_scores):
             return NEUTRAL_LEVEL  # no decisions at all: stock LRU order
+        if self._redundant(block):
+            self.agentrt_counters["redundant_copies_demoted"] += 1
+            return 0
         hx = get_block_hash(block.block_hash).hex()
         owner = self._owners.get(hx)
         score = self.book.score(hx, owner.key if owner else None, self._now)
@@ -323,6 +380,7 @@ class AgentRuntimeScheduler(Scheduler):
             stats = request.prefill_stats
             cached = stats.num_cached_tokens if stats is not None else 0
             self._timing[request.request_id] = {"scheduled_at": now, "cached": cached}
+            self._report_chain(request, workload, agent, session, now)
             if agent:
                 self._emit(ev.RequestScheduled(workload=workload, agent=agent, session=session, time=now,
                                                request=request.request_id, prompt_tokens=request.num_prompt_tokens,
@@ -347,6 +405,7 @@ class AgentRuntimeScheduler(Scheduler):
                                                     request=rid, ttft_s=timing["ttft"]))
             if request.is_finished():
                 del self._timing[rid]
+                self._reported.pop(rid, None)
                 if agent:
                     reason = request.get_finished_reason()
                     self._emit(ev.RequestFinished(
@@ -375,3 +434,8 @@ class AgentRuntimeScheduler(Scheduler):
     def _emit(self, event: ev.Event) -> None:
         if self.producer is not None and not self.producer.publish(event):
             self.agentrt_counters["events_dropped"] += 1
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:  # a listener's bug must not stop the engine
+                self.agentrt_counters["observer_errors"] += 1

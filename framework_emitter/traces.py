@@ -1,6 +1,7 @@
 """Reading the shared multi-agent traces (format: ../shared/traces/SOURCES.md)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,19 @@ class TraceCall:
     @property
     def prompt_tokens(self) -> int:
         return sum(n for _, n in self.segments)
+
+    def truncated(self, max_tokens: int) -> "TraceCall":
+        """The call with its prompt cut to ``max_tokens`` (as an engine with that context gets it)."""
+        if self.prompt_tokens <= max_tokens:
+            return self
+        kept: list[tuple[str, int]] = []
+        left = max_tokens
+        for seg_id, n in self.segments:
+            if left <= 0:
+                break
+            kept.append((seg_id, min(n, left)))
+            left -= n
+        return dataclasses.replace(self, segments=tuple(kept))
 
 
 @dataclass

@@ -6,15 +6,18 @@ For every cached prefix block it knows who used it: (agent, session) pairs from
 the engine's KV events. A block's value is the probability that any of them
 reuses it within the horizon ("survival score"):
 
-    p(block) = 1 - prod over users (agent a, active session s) of (1 - P_s(a within k steps))
+    p(block) = 1 - prod over users (agent a, active session s) of (1 - P_s(a within k steps) * K_a(pos))
                  * prod over agents a of a cross-session block (1 - (1 - exp(-rate_a * horizon)))
 
 where P_s comes from hitting probabilities of the transition chain from the
-session's current agent, k is the number of calls that fit in the horizon, and
-the second product applies to blocks already seen in two or more sessions
-(system prompts, tool schemas): new sessions reuse those at the agent's call
-rate. A block shared by several agents or sessions is worth all of its
-expected reuses; one used only by an ended session is worth nothing.
+session's current agent, k is the number of calls that fit in the horizon,
+K_a(pos) is the learned probability that agent a's next prompt keeps the block
+at chain position ``pos`` of its previous one (a new phase keeps the system
+prompt but not the conversation), and the second product applies to blocks
+already seen in two or more sessions (system prompts, tool schemas): new
+sessions reuse those at the agent's call rate. A block shared by several agents
+or sessions is worth all of its expected reuses; one used only by an ended
+session is worth nothing.
 
 Acts: eviction scores (bucketed, only when a block's bucket changes),
 pins with a TTL for the predicted next agent's resident prefix while its
@@ -23,9 +26,10 @@ is no longer resident.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -96,20 +100,92 @@ class _Session:
 
 
 MAX_STEPS_KEPT = 64
+AGES = 4  # prompts remembered per (agent, session): its latest (age 0) and the 3 before
 MAX_STEPS_SEEN = 4096
 
 
 @dataclass
 class _Block:
-    """A cached block's users, as its group key: ((agent, session), ... most recent last), shared.
+    """A cached block's group key: (users by age, shared, position bin).
 
-    ``shared`` turns on once two sessions have used the block (system prompts,
-    tool schemas) and stays on. Blocks with one key share one score, so keys
-    are tuples computed once per KV event, not per block.
+    Users are (agent, session) pairs; ``users[age]`` holds those whose prompt
+    ``age`` prompts ago (0: the latest) was the last to contain the block, most
+    recent last. ``shared`` turns on once two sessions have used the block
+    (system prompts, tool schemas) and stays on. The position bin is fixed: a
+    chained hash has one chain position. Blocks with one key share one score,
+    so keys are tuples computed once per KV event, not per block.
     """
 
-    key: tuple = ((), False)
+    key: tuple = ((),) * AGES + (False, 0)
     resident: bool = False
+
+
+# Chain positions (in blocks) at which prompt retention is learned; a block uses the bin it falls in.
+RETENTION_BOUNDS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512)
+
+
+def position_bin(position: int) -> int:
+    return bisect.bisect_right(RETENTION_BOUNDS, position) - 1
+
+
+class _Reuse:
+    """Per agent, age and position bin: P(the agent's next prompt in a session reuses a block of age ``age``).
+
+    A block's age for a user is how many prompts ago the user last had it (0:
+    its latest prompt). Agents alternate prompt families (a role prompt per
+    phase or per peer), so a block the latest prompt dropped often comes back a
+    few calls later: this is the hazard of reuse by age. Indexed [age, position
+    bin, agent]; an EWMA of the observed reused fraction, stored as uint8
+    (value / 254; 255 = not observed yet) to keep state bounded.
+    """
+
+    PRIOR = 0.5
+    UNSEEN = 255
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha = alpha
+        self.arrays = np.full((AGES, len(RETENTION_BOUNDS), 8), self.UNSEEN, dtype=np.uint8)
+
+    def observe(self, i: int, chains: Iterable[list[str]], current: Iterable[str]) -> None:
+        """Learn from a new prompt (``current``) which blocks of the user's earlier prompts (newest first) it reused."""
+        while i >= self.arrays.shape[2]:
+            self.arrays = np.concatenate([self.arrays, np.full_like(self.arrays, self.UNSEEN)], axis=2)
+        current = set(current)
+        seen: set[str] = set()
+        for age, chain in enumerate(chains):
+            total = [0] * len(RETENTION_BOUNDS)
+            reused = [0] * len(RETENTION_BOUNDS)
+            for p, block_hash in enumerate(chain):
+                if block_hash in seen:
+                    continue  # younger in a newer prompt
+                seen.add(block_hash)
+                b = position_bin(p)
+                total[b] += 1
+                reused[b] += block_hash in current
+            for b, n in enumerate(total):
+                if n:
+                    self._update(age, b, i, reused[b] / n)
+
+    def _update(self, age: int, b: int, i: int, outcome: float) -> None:
+        old = int(self.arrays[age, b, i])
+        value = outcome if old == self.UNSEEN else old / 254 + self.alpha * (outcome - old / 254)
+        self.arrays[age, b, i] = round(value * 254)
+
+    def hazard(self, age: int, i: int | None, position_bin: int) -> float:
+        if i is None or i >= self.arrays.shape[2]:
+            return self.PRIOR
+        value = int(self.arrays[min(age, AGES - 1), position_bin, i])
+        return self.PRIOR if value == self.UNSEEN else value / 254
+
+    def within(self, age: int, i: int | None, position_bin: int, calls: int) -> float:
+        """P(reused by one of the user's next ``calls`` prompts), the block now at ``age``."""
+        miss = 1.0
+        for k in range(max(calls, 1)):
+            miss *= 1.0 - self.hazard(age + k, i, position_bin)
+        return 1.0 - miss
+
+    def nbytes(self, n: int) -> int:
+        return self.arrays[:, :, :n].nbytes
 
 
 class _AgentTiming:
@@ -153,9 +229,11 @@ class _Workload:
     def __init__(self, config: CacheSageConfig) -> None:
         self.model = TransitionModel(config.decay, config.prior_strength)
         self.timing = _AgentTiming()
+        self.reuse = _Reuse()
         self.sessions: dict[str, _Session] = {}
         self.blocks: OrderedDict[str, _Block] = OrderedDict()
         self.prefix_of: dict[tuple[str, str], tuple[str | None, list[str]]] = {}  # (agent, session) -> (request, hashes)
+        self.earlier: dict[tuple[str, str], deque] = {}  # (agent, session) -> its earlier prompts' chains, newest last
         # Resident blocks grouped by key (same users => same score): act works per group, not per block.
         self.groups: dict[tuple, set[str]] = {}
         self.emitted: dict[tuple, tuple[int, float]] = {}  # group key -> (bucket, when) last decided
@@ -186,7 +264,8 @@ class _Workload:
 
     def learned_nbytes(self) -> int:
         """Bytes of what was learned about the workload's agents (transitions and timing)."""
-        return self.model.nbytes() + self.timing.nbytes(len(self.model))
+        n = len(self.model)
+        return self.model.nbytes() + self.timing.nbytes(n) + self.reuse.nbytes(n)
 
 
 class CacheSage(Policy):
@@ -235,6 +314,7 @@ class CacheSage(Policy):
         session.steps.clear()
         for key in [k for k in w.prefix_of if k[1] == event.session]:
             del w.prefix_of[key]
+            w.earlier.pop(key, None)
 
     def _on_step_start(self, w: _Workload, event: ev.AgentStepStart) -> None:
         session = self._session(w, event)
@@ -297,29 +377,41 @@ class CacheSage(Policy):
         self._session(w, event).in_tool = False
 
     def _with_user(self, key: tuple, user: tuple[str, str]) -> tuple:
-        users, shared = key
-        if users and users[-1] == user:
+        """``user`` has the block in its latest prompt (age 0)."""
+        *ages, shared, pbin = key
+        if ages[0] and ages[0][-1] == user and not any(user in users for users in ages[1:]):
             return key
-        users = (*(u for u in users if u != user), user)[-self.config.max_users_per_block:]
-        shared = shared or len({session for _, session in users}) >= 2
-        return users, shared
+        cap = self.config.max_users_per_block
+        ages = [tuple(u for u in users if u != user) for users in ages]
+        ages[0] = (*ages[0], user)[-cap:]
+        shared = shared or len({session for users in ages for _, session in users}) >= 2
+        return (*ages, shared, pbin)
 
-    def _without_user(self, key: tuple, user: tuple[str, str]) -> tuple:
-        users, shared = key
-        return tuple(u for u in users if u != user), shared
+    def _aged(self, key: tuple, user: tuple[str, str]) -> tuple:
+        """``user``'s new prompt does not have the block: one prompt older (forgotten past the last age)."""
+        *ages, shared, pbin = key
+        for age, users in enumerate(ages):
+            if user in users:
+                ages[age] = tuple(u for u in users if u != user)
+                if age + 1 < AGES:
+                    ages[age + 1] = (*ages[age + 1], user)[-self.config.max_users_per_block:]
+                break
+        return (*ages, shared, pbin)
 
-    def _drop_user(self, w: _Workload, user: tuple[str, str], hashes: Iterable[str]) -> None:
-        """``user`` will not reuse these blocks: its next call extends its latest prompt, not these."""
+    def _rekey(self, w: _Workload, user: tuple[str, str], hashes: Iterable[str], change) -> None:  # noqa: ANN001
+        """Apply ``change(key, user)`` to the keys of these blocks."""
         new_keys: dict[tuple, tuple] = {}
         moves: dict[tuple[tuple, tuple], list[str]] = {}
         for block_hash in hashes:
             block = w.blocks.get(block_hash)
-            if block is None or user not in block.key[0]:
+            if block is None:
                 continue
             old = block.key
             new = new_keys.get(old)
             if new is None:
-                new = new_keys[old] = self._without_user(old, user)
+                new = new_keys[old] = change(old, user)
+            if new == old:
+                continue
             block.key = new
             if block.resident:
                 moves.setdefault((old, new), []).append(block_hash)
@@ -330,10 +422,10 @@ class CacheSage(Policy):
         user = (event.agent, event.session) if event.agent and event.session else None
         new_keys: dict[tuple, tuple] = {}
         moves: dict[tuple[tuple | None, tuple], list[str]] = {}
-        for block_hash in event.block_hashes:
+        for position, block_hash in enumerate(event.block_hashes, start=event.start_index):
             block = w.blocks.get(block_hash)
             if block is None:
-                block = w.blocks[block_hash] = _Block()
+                block = w.blocks[block_hash] = _Block(((),) * AGES + (False, position_bin(position)))
             else:
                 w.blocks.move_to_end(block_hash)
             old = block.key
@@ -352,15 +444,27 @@ class CacheSage(Policy):
             if request is not None and request == event.request:
                 hashes = hashes + [h for h in event.block_hashes if h not in hashes]
             else:
-                if hashes:  # a new prompt: the part of the previous one it does not share is dead to this user
-                    current = set(event.block_hashes)
-                    self._drop_user(w, user, [h for h in hashes if h not in current])
+                if hashes:  # a new prompt: the previous one joins the user's earlier prompts
+                    self._new_prompt(w, user, hashes, event)
                 hashes = list(event.block_hashes)
             w.prefix_of[user] = (event.request, hashes)
         while len(w.blocks) > self.config.max_blocks:
             block_hash, block = w.blocks.popitem(last=False)
             if block.resident:
                 w.ungroup(block_hash, block)
+
+    def _new_prompt(self, w: _Workload, user: tuple[str, str], previous: list[str], event: ev.KvBlocksStored) -> None:
+        """Learn which of the user's earlier prompts' blocks its new prompt reused; age the others."""
+        earlier = w.earlier.setdefault(user, deque())
+        chains = [previous, *reversed(earlier)]  # newest first: index = age
+        if event.start_index == 0:  # the whole chain: what it reused is known
+            w.reuse.observe(w.model.agent_id(event.agent), chains, event.block_hashes)
+        current = set(event.block_hashes)
+        older = {h for chain in chains for h in chain if h not in current}
+        self._rekey(w, user, older, self._aged)
+        earlier.append(previous)
+        while len(earlier) > AGES - 1:
+            earlier.popleft()
 
     def _on_blocks_removed(self, w: _Workload, event: ev.KvBlocksRemoved) -> None:
         for block_hash in event.block_hashes:
@@ -384,6 +488,7 @@ class CacheSage(Policy):
             gone = set(idle)
             for key in [k for k in w.prefix_of if k[1] in gone]:
                 del w.prefix_of[key]
+                w.earlier.pop(key, None)
 
     def _mean_cycle_s(self, w: _Workload) -> float:
         n = len(w.model)
@@ -453,25 +558,38 @@ class CacheSage(Policy):
     def _group_scorer(self, w: _Workload, now: float):
         """A function: group key -> reuse probability within the horizon, memoised for one ``now``."""
         hits = self._hits_by_session(w, now)
-        factors: dict[tuple[tuple[str, str], bool], float] = {}  # (user, shared) -> P(this user does not reuse)
+        factors: dict[tuple, float] = {}  # (user, age, shared, position bin) -> P(this user does not reuse)
         by_key: dict[tuple, float] = {}
+        steps = steps_within(self.config.horizon_s, self._mean_cycle_s(w))
+        visits = w.model.visits[: len(w.model)]
+        share = visits / visits.sum() if len(visits) and visits.sum() > 0 else visits
+
+        def calls_within(i: int | None) -> int:
+            """How many calls the agent makes in its session within the horizon (at least the next one)."""
+            return 1 if i is None else max(1, round(steps * float(share[i])))
 
         def key_score(key: tuple) -> float:
             found = by_key.get(key)
             if found is not None:
                 return found
-            users, shared = key
+            *ages, shared, pbin = key
             survive = 1.0  # P(no user reuses the block within the horizon)
-            for user in users:
-                f = factors.get((user, shared))
-                if f is None:
-                    agent, session = user
-                    session_hits = hits.get(session)
-                    f = 1.0 - session_hits.get(agent, 0.0) if session_hits else 1.0
-                    if shared:  # new sessions reuse cross-session blocks at the agent's call rate
-                        f *= self._cross_session_survival(w, agent, now)
-                    factors[(user, shared)] = f
-                survive *= f
+            for age, users in enumerate(ages):
+                for user in users:
+                    f = factors.get((user, age, shared, pbin))
+                    if f is None:
+                        agent, session = user
+                        session_hits = hits.get(session)
+                        if session_hits:
+                            i = w.model.index.get(agent)
+                            reuse = w.reuse.within(age, i, pbin, calls_within(i))
+                            f = 1.0 - session_hits.get(agent, 0.0) * reuse
+                        else:
+                            f = 1.0
+                        if shared:  # new sessions reuse cross-session blocks at the agent's call rate
+                            f *= self._cross_session_survival(w, agent, now)
+                        factors[(user, age, shared, pbin)] = f
+                    survive *= f
             by_key[key] = 1.0 - survive
             return by_key[key]
 
@@ -513,7 +631,7 @@ class CacheSage(Policy):
         expires = now + cfg.decision_ttl_s
         out: list[ev.Decision] = []
         for key, members in w.groups.items():
-            users = key[0]
+            users = next((u for u in key[:AGES] if u), ())
             if not users:
                 continue  # unattributed blocks: no agent to key a decision by
             bucket = min(int(key_score(key) * cfg.score_buckets), top)
@@ -597,7 +715,9 @@ class CacheSage(Policy):
                                 if sess == name}}
             for name, st in w.sessions.items()
         }
-        return {"model": w.model.to_state(), "timing": w.timing.arrays[:, : len(w.model)].tolist(),
+        n = len(w.model)
+        return {"model": w.model.to_state(), "timing": w.timing.arrays[:, :n].tolist(),
+                "reuse": w.reuse.arrays[:, :, :n].tolist(),
                 "sessions": sessions}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -607,6 +727,11 @@ class CacheSage(Policy):
             timing = np.asarray(saved["timing"], dtype=np.float32).reshape(4, -1)
             w.timing.arrays = np.zeros((4, max(8, timing.shape[1])), dtype=np.float32)
             w.timing.arrays[:, : timing.shape[1]] = timing
+            if saved.get("reuse"):
+                reuse = np.asarray(saved["reuse"], dtype=np.uint8).reshape(AGES, len(RETENTION_BOUNDS), -1)
+                w.reuse.arrays = np.full((AGES, len(RETENTION_BOUNDS), max(8, reuse.shape[2])), _Reuse.UNSEEN,
+                                         dtype=np.uint8)
+                w.reuse.arrays[:, :, : reuse.shape[2]] = reuse
             for session_name, st in saved.get("sessions", {}).items():
                 session = w.sessions[session_name] = _Session(
                     latest=st["latest"], last_seen=st["last_seen"], in_tool=st["in_tool"], handoff_to=st["handoff_to"],

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+SCHEMA_MINOR = 1  # 1.1: kv_blocks_stored.start_index
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 
@@ -71,6 +71,7 @@ WIRE_NAMES: dict[str, str] = {
     "finish_reason": "agentrt.request.finish_reason",
     "block_hashes": "agentrt.kv.block_hashes",
     "parent_block_hash": "agentrt.kv.parent_block_hash",
+    "start_index": "agentrt.kv.start_index",
     "block_size": "agentrt.kv.block_size",
     "medium": "agentrt.kv.medium",
     "policy": "agentrt.policy.name",
@@ -256,13 +257,18 @@ class RequestFinished(EngineEvent):
 @register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KvBlocksStored(EngineEvent):
-    """Blocks became cached. ``agent`` is empty when the engine could not attribute them."""
+    """Blocks became cached (or, on a request's first store, its whole chain: hits included).
+
+    ``agent`` is empty when the engine could not attribute them. ``start_index``
+    is the chain position of ``block_hashes[0]`` (0: the chain from its first block).
+    """
 
     type_name: ClassVar[str] = "kv_blocks_stored"
     block_hashes: tuple[str, ...]
     block_size: int
     parent_block_hash: str | None = None
     medium: str | None = None
+    start_index: int = 0
 
 
 @register

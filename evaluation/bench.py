@@ -1,0 +1,297 @@
+"""CacheSage vs stock vLLM vs the oracle on real multi-agent traces, side by side (engine environment).
+
+    .venv-engine/bin/python -m evaluation.bench --workloads chatdev [--sessions 16] [--fraction 0.10] [--repeats 2]
+    .venv-engine/bin/python -m evaluation.bench --all          # the five workloads
+
+Per workload: the first --sessions sessions of the trace, interleaved 16 at a
+time (the simulator's order); KV capacity = --fraction of their distinct full
+prompt blocks (stated in the output). Each repeat runs stock vLLM (its own
+scheduler), vLLM + AgentRuntimeScheduler + CacheSage, and the oracle (exact
+next-use scores from the trace's future through the same decision path), on
+the same model, capacity, order and prompts, the prefix cache reset before
+each arm. The simulator's hit rates for the same order and capacity are shown
+beside the engine's.
+
+Output: a markdown table per workload (hit rate, mean/p50/p99 TTFT,
+requests/s, tokens/s, session completion p50, prefill tokens computed incl.
+prefetches; min–max over repeats), rows in SQL (``--db``, SQLite by default),
+and PNG plots when matplotlib is installed (``pip install agentrt[eval]``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+ARMS = ("stock", "cachesage", "oracle")
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(int(round(q * (len(ordered) - 1))), len(ordered) - 1)]
+
+
+def metrics(result: Any) -> dict[str, float]:
+    """The figures one arm's run is judged by."""
+    ttfts = result.ttfts()
+    wall = max(result.wall_s, 1e-9)
+    return {
+        "hit_rate": result.hit_rate,
+        "ttft_mean_s": statistics.fmean(ttfts) if ttfts else float("nan"),
+        "ttft_p50_s": _percentile(ttfts, 0.5),
+        "ttft_p99_s": _percentile(ttfts, 0.99),
+        "requests_per_s": len(result.calls) / wall,
+        "tokens_per_s": (result.prompt_tokens + result.output_tokens) / wall,
+        "session_p50_s": _percentile(result.session_times(), 0.5),
+        "prefill_tokens": float(result.prefill_tokens),
+        "prefetch_tokens": float(result.prefetch_tokens),
+        "wall_s": result.wall_s,
+    }
+
+
+COLUMNS = [("hit rate", "hit_rate", "{:.3f}"), ("TTFT mean (s)", "ttft_mean_s", "{:.3f}"),
+           ("TTFT p50 (s)", "ttft_p50_s", "{:.3f}"), ("TTFT p99 (s)", "ttft_p99_s", "{:.3f}"),
+           ("req/s", "requests_per_s", "{:.2f}"), ("tok/s", "tokens_per_s", "{:,.0f}"),
+           ("session p50 (s)", "session_p50_s", "{:.1f}"), ("prefill tokens", "prefill_tokens", "{:,.0f}")]
+
+
+def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float]) -> str:
+    """Markdown: one row per arm, median over repeats with [min–max], plus ratios against stock."""
+    head = "| arm | " + " | ".join(c[0] for c in COLUMNS) + " | simulated hit rate |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for arm, runs in rows.items():
+        cells = []
+        for _, key, fmt in COLUMNS:
+            values = [r[key] for r in runs]
+            mid = statistics.median(values)
+            cell = fmt.format(mid)
+            if len(values) > 1:
+                cell += f" [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+            cells.append(cell)
+        sim = simulated.get(arm)
+        lines.append(f"| {arm} | " + " | ".join(cells) + (f" | {sim:.3f} |" if sim is not None else " | – |"))
+    stock = rows.get("stock")
+    if stock:
+        base = {k: statistics.median(r[k] for r in stock) for _, k, _ in COLUMNS}
+        for arm, runs in rows.items():
+            if arm == "stock":
+                continue
+            med = {k: statistics.median(r[k] for r in runs) for _, k, _ in COLUMNS}
+            lines.append(
+                f"\n{arm} vs stock: hit rate {100 * (med['hit_rate'] - base['hit_rate']):+.1f} pp, "
+                f"mean TTFT {_change(med['ttft_mean_s'], base['ttft_mean_s'])}, "
+                f"p99 TTFT {_change(med['ttft_p99_s'], base['ttft_p99_s'])}, "
+                f"throughput {_change(med['requests_per_s'], base['requests_per_s'])} (req/s), "
+                f"prefill tokens {_change(med['prefill_tokens'], base['prefill_tokens'])}")
+        if "oracle" in rows and "cachesage" in rows:
+            oracle = statistics.median(r["hit_rate"] for r in rows["oracle"])
+            sage = statistics.median(r["hit_rate"] for r in rows["cachesage"])
+            gap = oracle - base["hit_rate"]
+            share = f"{(sage - base['hit_rate']) / gap:+.0%}" if gap > 0.005 else "n/a (oracle within 0.5 pp of stock)"
+            lines.append(f"\nCacheSage closes {share} of the stock→oracle hit-rate gap.")
+    return "\n".join(lines)
+
+
+def _change(new: float, old: float) -> str:
+    return f"{100 * (new / old - 1):+.1f}%" if old else "n/a"
+
+
+def save_sql(url: str, run_id: str, workload: str, setup: dict[str, Any], arm: str, repeat: int,
+             figures: dict[str, float]) -> None:
+    from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, create_engine
+
+    meta = MetaData()
+    runs = Table("agentrt_eval_runs", meta,
+                 Column("id", Integer, primary_key=True, autoincrement=True),
+                 Column("run_id", String(64), nullable=False, index=True),
+                 Column("created_at", Float, nullable=False),
+                 Column("workload", String(64), nullable=False, index=True),
+                 Column("arm", String(32), nullable=False),
+                 Column("repeat", Integer, nullable=False),
+                 Column("setup", Text, nullable=False),
+                 *(Column(key, Float) for key in figures))
+    engine = create_engine(url, future=True)
+    meta.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(runs.insert(), [{"run_id": run_id, "created_at": time.time(), "workload": workload, "arm": arm,
+                                      "repeat": repeat, "setup": json.dumps(setup), **figures}])
+    engine.dispose()
+
+
+def plot(path: Path, workload: str, rows: dict[str, list[dict[str, float]]], results: dict[str, Any]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    arms = list(rows)
+    axes[0].bar(arms, [statistics.median(r["hit_rate"] for r in rows[a]) for a in arms], color="#4c72b0")
+    axes[0].set_title("prefix-cache hit rate (tokens)")
+    for arm, result in results.items():
+        ttfts = result.ttfts()
+        axes[1].plot(ttfts, [i / max(len(ttfts) - 1, 1) for i in range(len(ttfts))], label=arm)
+    axes[1].set_xscale("log")
+    axes[1].set_title("TTFT CDF (s), last repeat")
+    axes[1].legend()
+    axes[2].bar(arms, [statistics.median(r["requests_per_s"] for r in rows[a]) for a in arms], color="#55a868")
+    axes[2].set_title("throughput (requests/s)")
+    fig.suptitle(workload)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _make_llm(model: str, blocks: int, max_len: int, agentrt: bool) -> Any:
+    from vllm import LLM
+
+    extra = {"scheduler_cls": "engine_emitter.scheduler.AgentRuntimeScheduler"} if agentrt else {}
+    return LLM(model=model, skip_tokenizer_init=True, block_size=32, num_gpu_blocks_override=blocks,
+               enable_prefix_caching=True, max_model_len=max_len, max_num_seqs=16, dtype="bfloat16", seed=0,
+               enable_chunked_prefill=True, max_num_batched_tokens=max(max_len, 2048), **extra)
+
+
+def _warm_up(llm: Any, vocab: int, max_prompt_tokens: int) -> None:
+    """First calls pay one-off costs (kernel selection, allocation): keep them out of every arm's figures."""
+    import random
+
+    from vllm import SamplingParams
+
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(n)]}
+               for n in (64, 512, max_prompt_tokens // 2, max_prompt_tokens)]
+    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+
+
+def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int, run_id: str) -> str:
+    from framework_emitter.replayer import interleave
+    from framework_emitter.traces import read_trace, sessions
+    from policy_workers.cachesage import CacheSage
+
+    from .engine_replay import Arm, OracleArm, PolicyArm, replay
+    from .simulator import LRU, Belady, block_uses, distinct_blocks, run_cachesage, simulate
+
+    chosen = dict(list(sessions(read_trace(workload)).items())[: args.sessions])
+    order = list(interleave(chosen, 16))
+    # The simulator sees the prompts the engine gets: truncated to the context the engine allows.
+    sim_calls = [c.truncated(args.max_prompt_tokens) for c in order]
+    footprint = distinct_blocks(sim_calls)
+    capacity = max(int(footprint * args.fraction), args.max_prompt_tokens // 32 + 2)
+    setup = {"sessions": len(chosen), "calls": len(order), "footprint_blocks": footprint, "capacity_blocks": capacity,
+             "fraction": args.fraction, "model_size": args.model_size, "max_prompt_tokens": args.max_prompt_tokens,
+             "max_output_tokens": args.max_output_tokens, "max_in_flight": args.max_in_flight,
+             "time_scale": args.time_scale, "repeats": args.repeats}
+    print(f"\n## {workload}: {len(chosen)} sessions, {len(order)} calls; KV capacity {capacity} blocks "
+          f"= {capacity / footprint:.1%} of the {footprint}-block prefix footprint (block size 32)", flush=True)
+    uses = block_uses(sim_calls)
+    simulated = {"stock": simulate(sim_calls, capacity, LRU()).hit_rate,
+                 "cachesage": run_cachesage(sim_calls, capacity, workload).hit_rate,
+                 "oracle": simulate(sim_calls, capacity, Belady(uses)).hit_rate}
+    # One block more than the capacity: vLLM keeps one as its null block.
+    stock_llm = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64, agentrt=False)
+    runtime_llm = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64, agentrt=True)
+    for llm in (stock_llm, runtime_llm):
+        _warm_up(llm, vocab, args.max_prompt_tokens)
+    rows: dict[str, list[dict[str, float]]] = {arm: [] for arm in args.arms}
+    last: dict[str, Any] = {}
+    for repeat in range(args.repeats):
+        for arm_name in args.arms:
+            llm = stock_llm if arm_name == "stock" else runtime_llm
+            assert llm.reset_prefix_cache()
+            if arm_name == "stock":
+                arm: Arm = Arm()
+            elif arm_name == "cachesage":
+                arm = PolicyArm(CacheSage())
+            else:
+                arm = OracleArm(order, 32, args.max_prompt_tokens)
+            if arm_name != "stock":
+                scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+                scheduler.book.clear()
+            began = time.perf_counter()
+            result = replay(llm, order, arm, workload=workload, vocab_size=vocab,
+                            max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
+                            max_in_flight=args.max_in_flight, time_scale=args.time_scale,
+                            progress=_progress(f"{workload} {arm_name} #{repeat + 1}"))
+            figures = metrics(result)
+            rows[arm_name].append(figures)
+            last[arm_name] = result
+            save_sql(args.db, run_id, workload, setup, arm_name, repeat, figures)
+            print(f"\r{workload} {arm_name} #{repeat + 1}: hit {figures['hit_rate']:.3f}, mean TTFT "
+                  f"{figures['ttft_mean_s']:.3f} s, {time.perf_counter() - began:.0f} s", flush=True)
+    del stock_llm, runtime_llm
+    text = table(rows, simulated)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{workload}.md").write_text(f"{workload}: {json.dumps(setup)}\n\n{text}\n")
+    if plot(out / f"{workload}.png", workload, rows, last):
+        print(f"plot: {out / f'{workload}.png'}")
+    return text
+
+
+def _progress(label: str):
+    interactive = sys.stdout.isatty()
+    state = {"last": 0.0}
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - state["last"] > (0.5 if interactive else 30):
+            state["last"] = now
+            bar = "#" * int(30 * done / total)
+            lead = "\r" if interactive else ""
+            print(f"{lead}{label} [{bar:<30}] {done}/{total}", end="" if interactive else "\n", flush=True)
+
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    from framework_emitter.traces import WORKLOADS
+
+    parser = argparse.ArgumentParser(prog="evaluation.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=["chatdev"], choices=list(WORKLOADS))
+    parser.add_argument("--all", action="store_true", help="all five workloads")
+    parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--fraction", type=float, default=0.10, help="KV capacity / prefix footprint")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--model-size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--max-prompt-tokens", type=int, default=4032)
+    parser.add_argument("--max-output-tokens", type=int, default=8)
+    parser.add_argument("--max-in-flight", type=int, default=16)
+    parser.add_argument("--time-scale", type=float, default=0.0, help="tool gaps x this (0: back to back)")
+    parser.add_argument("--out", default="runs/eval")
+    parser.add_argument("--db", default="sqlite:///runs/eval/results.db")
+    args = parser.parse_args(argv)
+    if args.all:
+        args.workloads = list(WORKLOADS)
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the policy and the scheduler share the process
+    os.environ["AGENTRT_ENGINE_STREAMS"] = "0"  # policies run in-process here (see engine_replay)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    from engine_emitter.tiny_model import SIZES, make_random_llama
+
+    model = make_random_llama(Path("runs/models") / args.model_size, args.model_size,
+                              max_len=args.max_prompt_tokens + 64)
+    vocab = SIZES[args.model_size][4]
+    run_id = uuid.uuid4().hex[:12]
+    print(f"run {run_id}: model {args.model_size} ({model}), results in {args.out} and {args.db}")
+    texts = {w: run_workload(w, args, str(model), vocab, run_id) for w in args.workloads}
+    for workload, text in texts.items():
+        print(f"\n### {workload}\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

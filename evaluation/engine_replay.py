@@ -1,0 +1,340 @@
+"""Replaying a real trace into a real vLLM engine, one arm (policy) at a time (engine environment).
+
+The driver submits the trace's calls in a fixed global order (``interleave``
+of the chosen sessions, as the simulator uses), each call only once its
+session's previous call has finished (plus its tool gap, scaled), with at most
+``max_in_flight`` requests in the engine at once. Prompts are token ids with
+exactly the trace's prefix sharing; requests carry the agent identity
+(``extra_args``), and the framework events go through the SDK
+(``AgentEventEmitter``).
+
+Arms differ only in what steers eviction:
+- ``stock``: vLLM's own scheduler, untouched;
+- ``cachesage``: ``AgentRuntimeScheduler`` with the real CacheSage policy
+  observing the engine's events and the framework's, its decisions applied at
+  step boundaries through the engine's decision path;
+- ``oracle``: the same path, with scores computed from the trace's future
+  (next use of each block: Belady through the decision path), the measured limit.
+
+The policies run in the engine process here (``scheduler.observers``) so a run
+is deterministic enough to repeat; in production the same events and
+decisions travel through Kafka (``agentrt worker``). Nothing in the decision
+path differs.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from framework_emitter.prefix_blocks import block_hashes
+from framework_emitter.sdk import AgentEventEmitter, prefix_fingerprint
+from framework_emitter.token_ids import prompt_token_ids
+from framework_emitter.traces import TraceCall
+from streams import events as ev
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CallResult:
+    session: str
+    agent: str
+    seq: int
+    prompt_tokens: int
+    cached_tokens: int
+    submitted: float
+    first_token: float
+    finished: float
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token - self.submitted
+
+    @property
+    def e2e_s(self) -> float:
+        return self.finished - self.submitted
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    calls: list[CallResult]
+    wall_s: float
+    output_tokens: int
+    prefetch_tokens: int = 0
+    counters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(c.prompt_tokens for c in self.calls)
+
+    @property
+    def hit_rate(self) -> float:
+        """Token-level prefix-cache hit rate, as vLLM counts it (cached prompt tokens / prompt tokens)."""
+        return sum(c.cached_tokens for c in self.calls) / max(self.prompt_tokens, 1)
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens computed: requests' uncached tokens plus every prefetch's."""
+        return sum(c.prompt_tokens - c.cached_tokens for c in self.calls) + self.prefetch_tokens
+
+    def ttfts(self) -> list[float]:
+        return sorted(c.ttft_s for c in self.calls)
+
+    def session_times(self) -> list[float]:
+        spans: dict[str, list[float]] = {}
+        for c in self.calls:
+            span = spans.setdefault(c.session, [c.submitted, c.finished])
+            span[0], span[1] = min(span[0], c.submitted), max(span[1], c.finished)
+        return sorted(end - start for start, end in spans.values())
+
+
+class _PolicySink:
+    """A producer stand-in for the SDK: hands each event to an in-process policy (and a real producer, if any)."""
+
+    def __init__(self, observe: Callable[[ev.Event], None], producer: Any = None) -> None:
+        self._observe, self._producer = observe, producer
+
+    def publish(self, event: ev.Event) -> bool:
+        self._observe(event)
+        return self._producer.publish(event) if self._producer is not None else True
+
+
+class Arm:
+    """What a run does besides submitting requests: no-op for stock vLLM."""
+
+    name = "stock"
+
+    def attach(self, scheduler: Any, workload: str) -> AgentEventEmitter | None:
+        return None
+
+    def before_submit(self, index: int) -> None: ...
+
+    def after_step(self, now: float) -> None: ...
+
+    def detach(self) -> None: ...
+
+
+class PolicyArm(Arm):
+    """A policy in the engine process: it observes engine and framework events and acts at step boundaries."""
+
+    def __init__(self, policy: Any, name: str | None = None, act_every_s: float = 0.0) -> None:
+        self.policy = policy
+        self.name = name or policy.name
+        self.act_every_s = act_every_s
+        self._last_act = 0.0
+
+    def attach(self, scheduler: Any, workload: str) -> AgentEventEmitter:
+        self.scheduler, self.workload = scheduler, workload
+        scheduler.observers.append(self.policy.observe)
+        return AgentEventEmitter(_PolicySink(self.policy.observe), workload)
+
+    def after_step(self, now: float) -> None:
+        if now - self._last_act < self.act_every_s:
+            return
+        self._last_act = now
+        decisions = self.policy.act(self.workload, now)
+        if decisions:
+            self.scheduler.apply_decisions([(d, now) for d in decisions])
+
+    def detach(self) -> None:
+        self.scheduler.observers.remove(self.policy.observe)
+
+
+class OracleArm(Arm):
+    """Belady through the decision path: each resident block scored by its next use in the replay order.
+
+    Score = 1 - log2(1 + d) / log2(1 + N) for a block next used ``d`` calls
+    ahead (N calls in all); 0 for a block never used again. Levels are
+    logarithmic in the distance, so a block is rescored only when its distance
+    halves. Engine block hashes are matched to the trace's prefix blocks by
+    chain position when the engine reports a request's chain.
+    """
+
+    name = "oracle"
+
+    def __init__(self, order: Sequence[TraceCall], block_size: int, max_prompt_tokens: int) -> None:
+        self._chains = [block_hashes(c.segments, block_size)[: max_prompt_tokens // block_size] for c in order]
+        self._uses: dict[str, list[int]] = {}
+        for i, chain in enumerate(self._chains):
+            for h in chain:
+                self._uses.setdefault(h, []).append(i)
+        self._n = len(order)
+        self._engine_of: dict[str, str] = {}  # trace block hash -> engine block hash
+        self._trace_of: dict[str, str] = {}
+        self._resident: dict[str, int] = {}  # engine hash -> last published bucket
+        self._request_call: dict[str, int] = {}
+        self._now = 0
+        self._dirty = False
+
+    def attach(self, scheduler: Any, workload: str) -> None:
+        self.scheduler, self.workload = scheduler, workload
+        scheduler.observers.append(self._observe)
+        return None
+
+    def detach(self) -> None:
+        self.scheduler.observers.remove(self._observe)
+
+    def register(self, request_id: str, index: int) -> None:
+        self._request_call[request_id] = index
+
+    def before_submit(self, index: int) -> None:
+        self._now = index
+        self._dirty = True
+
+    def _observe(self, event: ev.Event) -> None:
+        if isinstance(event, ev.KvBlocksStored):
+            request = event.request or ""
+            index = self._request_call.get(request)
+            if index is None:  # vLLM suffixes the id it was given ("<id>-<8 hex>")
+                index = self._request_call.get(request.rsplit("-", 1)[0])
+            if index is not None:
+                chain = self._chains[index]
+                for pos, engine_hash in enumerate(event.block_hashes, start=event.start_index):
+                    if pos < len(chain):
+                        self._engine_of[chain[pos]] = engine_hash
+                        self._trace_of[engine_hash] = chain[pos]
+            for engine_hash in event.block_hashes:
+                self._resident.setdefault(engine_hash, -1)
+            self._dirty = True
+        elif isinstance(event, ev.KvBlocksRemoved):
+            for engine_hash in event.block_hashes:
+                self._resident.pop(engine_hash, None)
+
+    def _score(self, engine_hash: str) -> float:
+        uses = self._uses.get(self._trace_of.get(engine_hash, ""), [])
+        k = bisect.bisect_right(uses, self._now)
+        if k >= len(uses):
+            return 0.0
+        return max(1.0 - math.log2(1 + uses[k] - self._now) / math.log2(1 + self._n), 0.0)
+
+    def after_step(self, now: float) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        by_bucket: dict[int, list[str]] = {}
+        for engine_hash, published in self._resident.items():
+            bucket = min(int(self._score(engine_hash) * 64), 63)
+            if bucket != published:
+                by_bucket.setdefault(bucket, []).append(engine_hash)
+        decisions = []
+        for bucket, hashes in by_bucket.items():
+            for engine_hash in hashes:
+                self._resident[engine_hash] = bucket
+            decisions.append(ev.EvictionScore(
+                workload=self.workload, agent="oracle", time=now, policy="oracle", expires_at=now + 3600,
+                block_hashes=tuple(hashes), score=(bucket + 0.5) / 64, decision_id=uuid.uuid4().hex))
+        if decisions:
+            self.scheduler.apply_decisions([(d, now) for d in decisions])
+
+
+def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, vocab_size: int,
+           max_prompt_tokens: int, max_output_tokens: int = 8, max_in_flight: int = 16, time_scale: float = 0.0,
+           progress: Callable[[int, int], None] | None = None) -> ArmResult:
+    """Run ``order`` through the engine of ``llm`` (an in-process ``vllm.LLM``) under ``arm``."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    scheduler = getattr(engine.engine_core, "engine_core", None)
+    scheduler = getattr(scheduler, "scheduler", None)
+    runtime = scheduler is not None and hasattr(scheduler, "observers")
+    if not runtime and type(arm) is not Arm:
+        raise RuntimeError(f"arm {arm.name!r} needs AgentRuntimeScheduler in this process")
+    emitter = arm.attach(scheduler, workload) if runtime else None
+    prefetch_before = scheduler.agentrt_counters["prefetch_prompt_tokens"] if runtime else 0
+    remaining = {}
+    for call in order:
+        remaining[call.session] = remaining.get(call.session, 0) + 1
+    ready_at: dict[str, float] = {}  # session -> when its next call may go (previous finished + gap)
+    busy: set[str] = set()
+    previous: dict[str, TraceCall] = {}
+    in_flight: dict[str, tuple[int, TraceCall, float]] = {}
+    first_token: dict[str, float] = {}
+    results: list[CallResult] = []
+    output_tokens = 0
+    truncated = 0
+    began = time.perf_counter()
+    clock = time.time
+    next_index = 0
+    try:
+        while next_index < len(order) or in_flight:
+            now = clock()
+            while next_index < len(order) and len(in_flight) < max_in_flight:
+                call = order[next_index]
+                if call.session in busy or ready_at.get(call.session, 0.0) > now:
+                    break  # strict order: the replay stays comparable with the simulator's
+                ids = prompt_token_ids(call.segments, vocab_size, max_tokens=max_prompt_tokens)
+                truncated += call.prompt_tokens > len(ids)
+                request_id = f"{workload}-{call.session}-{call.seq}-{uuid.uuid4().hex[:6]}"
+                if isinstance(arm, OracleArm):
+                    arm.register(request_id, next_index)
+                arm.before_submit(next_index)
+                before = previous.get(call.session)
+                tags = {"agentrt.workload": workload, "agentrt.agent": call.agent, "agentrt.session": call.session}
+                if emitter is not None:
+                    if before is None:
+                        emitter.session_start(call.session, call.agent, at=now)
+                    elif before.agent != call.agent:
+                        emitter.handoff(call.session, before.agent, call.agent, step=call.seq, at=now)
+                    prefix = call.segments[:-1] or call.segments
+                    emitter.step_start(call.session, call.agent, call.seq, prefix_fingerprint(s for s, _ in prefix),
+                                       sum(n for _, n in prefix), prompt_tokens=len(ids), request=request_id,
+                                       previous_agent=before.agent if before else None, at=now)
+                    tags = emitter.request_tags(call.session, call.agent, call.seq)
+                params = SamplingParams(max_tokens=max(1, min(call.output_tokens, max_output_tokens)), temperature=0.0,
+                                        ignore_eos=True, extra_args=tags)
+                engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+                in_flight[request_id] = (next_index, call, now)
+                busy.add(call.session)
+                previous[call.session] = call
+                next_index += 1
+            if not in_flight:
+                time.sleep(min(max(min(ready_at.values(), default=now) - now, 0.0), 0.05))
+                continue
+            outputs = engine.step()
+            now = clock()
+            for out in outputs:
+                if out.request_id not in in_flight:
+                    continue
+                if out.request_id not in first_token and out.outputs and out.outputs[0].token_ids:
+                    first_token[out.request_id] = now
+                if not out.finished:
+                    continue
+                index, call, submitted = in_flight.pop(out.request_id)
+                busy.discard(call.session)
+                n_out = len(out.outputs[0].token_ids) if out.outputs else 0
+                output_tokens += n_out
+                results.append(CallResult(call.session, call.agent, call.seq, len(out.prompt_token_ids or []),
+                                          int(out.num_cached_tokens or 0), submitted,
+                                          first_token.pop(out.request_id, now), now))
+                remaining[call.session] -= 1
+                nxt = index + 1
+                gap = 0.0
+                following = next((c for c in order[nxt:nxt + 64] if c.session == call.session), None)
+                if following is not None and following.t is not None and call.t is not None:
+                    gap = max(following.t - call.t, 0.0) * time_scale
+                ready_at[call.session] = now + gap
+                if emitter is not None:
+                    emitter.step_end(call.session, call.agent, call.seq, output_tokens=n_out, request=out.request_id,
+                                     duration_s=now - submitted, at=now)
+                    if remaining[call.session] == 0:
+                        emitter.session_end(call.session, call.agent, status="completed", at=now)
+                if progress:
+                    progress(len(results), len(order))
+            arm.after_step(now)
+    finally:
+        arm.detach()
+    if truncated:
+        log.warning("%d of %d prompts were longer than %d tokens and were truncated", truncated, len(order),
+                    max_prompt_tokens)
+    prefetch = 0
+    counters: dict[str, Any] = {}
+    if runtime:
+        prefetch = scheduler.agentrt_counters["prefetch_prompt_tokens"] - prefetch_before
+        counters = dict(scheduler.agentrt_counters)
+    return ArmResult(arm.name, results, time.perf_counter() - began, output_tokens, prefetch, counters)
