@@ -242,6 +242,9 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     previous: dict[str, TraceCall] = {}
     steps: dict[str, int] = {}
     evicted: list[str] = []
+    remaining: dict[str, int] = {}
+    for call in calls:
+        remaining[call.session] = remaining.get(call.session, 0) + 1
 
     def on_call(i: int, call: TraceCall, hashes: list[str], hit: int) -> None:
         clock["t"] += 1.0
@@ -264,6 +267,9 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
         sage.observe(ev.AgentStepEnd(workload=workload, agent=call.agent, session=call.session, step=step,
                                      time=now + 0.5))
         previous[call.session] = call
+        remaining[call.session] -= 1
+        if not remaining[call.session]:  # the framework knows when a session is over
+            sage.observe(ev.SessionEnd(workload=workload, agent=call.agent, session=call.session, time=now + 0.5))
 
     def after_call(i: int, call: TraceCall) -> None:
         now = clock["t"] + 0.6

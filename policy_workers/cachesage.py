@@ -31,7 +31,7 @@ import hashlib
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -43,7 +43,9 @@ from .transitions import TransitionModel, steps_within
 
 @dataclass
 class CacheSageConfig:
-    horizon_s: float = 60.0  # how far ahead reuse counts
+    horizon_s: float = 60.0  # how far ahead reuse counts when the cache is under no pressure
+    max_turnover_s: float = 3600.0
+    max_lookahead_calls: int = 32
     decision_ttl_s: float = 30.0  # every decision expires; refreshed while still true
     session_idle_expiry_s: float = 900.0  # a session with no event for this long is over
     pin_threshold: float = 0.6  # next-call probability that earns a pin
@@ -101,6 +103,7 @@ class _Session:
 
 MAX_STEPS_KEPT = 64
 AGES = 4  # prompts remembered per (agent, session): its latest (age 0) and the 3 before
+FORGOTTEN = AGES  # a block's users that had it in none of their last AGES prompts: they will not reuse it
 MAX_STEPS_SEEN = 4096
 
 
@@ -110,21 +113,27 @@ class _Block:
 
     Users are (agent, session) pairs; ``users[age]`` holds those whose prompt
     ``age`` prompts ago (0: the latest) was the last to contain the block, most
-    recent last. ``shared`` turns on once two sessions have used the block
+    recent last, and ``users[FORGOTTEN]`` those that have not had it for longer. ``shared`` turns on once two sessions have used the block
     (system prompts, tool schemas) and stays on. The position bin is fixed: a
     chained hash has one chain position. Blocks with one key share one score,
     so keys are tuples computed once per KV event, not per block.
     """
 
-    key: tuple = ((),) * AGES + (False, 0)
+    key: tuple = ((),) * (AGES + 1) + (0, 0)
     resident: bool = False
+    request: str | None = None  # the last request that used it (a different one marks it reused)
+    born: float = 0.0  # when it was first stored
 
 
 # Chain positions (in blocks) at which prompt retention is learned; a block uses the bin it falls in.
-RETENTION_BOUNDS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512)
+RETENTION_BOUNDS = (0, 1, 2, 4, 8, 12, 16, 24, 32, 64, 128, 256)
+
+
+POSITION_BINS = len(RETENTION_BOUNDS)
 
 
 def position_bin(position: int) -> int:
+    """The block's class: its chain position's bin (+ POSITION_BINS once a second prompt has used it)."""
     return bisect.bisect_right(RETENTION_BOUNDS, position) - 1
 
 
@@ -144,22 +153,27 @@ class _Reuse:
 
     def __init__(self, alpha: float = 0.1) -> None:
         self.alpha = alpha
-        self.arrays = np.full((AGES, len(RETENTION_BOUNDS), 8), self.UNSEEN, dtype=np.uint8)
+        self.arrays = np.full((AGES, 2 * POSITION_BINS, 8), self.UNSEEN, dtype=np.uint8)
 
-    def observe(self, i: int, chains: Iterable[list[str]], current: Iterable[str]) -> None:
-        """Learn from a new prompt (``current``) which blocks of the user's earlier prompts (newest first) it reused."""
+    def observe(self, i: int, chains: Iterable[list[str]], current: Iterable[str],
+                class_of: Callable[[str, int], int]) -> None:
+        """Learn from a new prompt (``current``) which blocks of the user's earlier prompts (newest first) it reused.
+
+        ``class_of(hash, position)`` is the block's class before this prompt used it.
+        """
         while i >= self.arrays.shape[2]:
             self.arrays = np.concatenate([self.arrays, np.full_like(self.arrays, self.UNSEEN)], axis=2)
         current = set(current)
         seen: set[str] = set()
+        classes = self.arrays.shape[1]
         for age, chain in enumerate(chains):
-            total = [0] * len(RETENTION_BOUNDS)
-            reused = [0] * len(RETENTION_BOUNDS)
+            total = [0] * classes
+            reused = [0] * classes
             for p, block_hash in enumerate(chain):
                 if block_hash in seen:
                     continue  # younger in a newer prompt
                 seen.add(block_hash)
-                b = position_bin(p)
+                b = class_of(block_hash, p)
                 total[b] += 1
                 reused[b] += block_hash in current
             for b, n in enumerate(total):
@@ -172,10 +186,15 @@ class _Reuse:
         self.arrays[age, b, i] = round(value * 254)
 
     def hazard(self, age: int, i: int | None, position_bin: int) -> float:
-        if i is None or i >= self.arrays.shape[2]:
-            return self.PRIOR
-        value = int(self.arrays[min(age, AGES - 1), position_bin, i])
-        return self.PRIOR if value == self.UNSEEN else value / 254
+        """The agent's learned hazard; where it has none yet, the mean over the agents that have one."""
+        age = min(age, AGES - 1)
+        if i is not None and i < self.arrays.shape[2]:
+            value = int(self.arrays[age, position_bin, i])
+            if value != self.UNSEEN:
+                return value / 254
+        others = self.arrays[age, position_bin]
+        observed = others[others != self.UNSEEN]
+        return float(observed.mean()) / 254 if len(observed) else self.PRIOR
 
     def within(self, age: int, i: int | None, position_bin: int, calls: int) -> float:
         """P(reused by one of the user's next ``calls`` prompts), the block now at ``age``."""
@@ -185,7 +204,7 @@ class _Reuse:
         return 1.0 - miss
 
     def nbytes(self, n: int) -> int:
-        return self.arrays[:, :, :n].nbytes
+        return self.arrays.shape[0] * self.arrays.shape[1] * n * self.arrays.itemsize
 
 
 class _AgentTiming:
@@ -219,7 +238,7 @@ class _AgentTiming:
         return count * math.exp(-max(now - at, 0.0) / window_s) / window_s
 
     def nbytes(self, n: int) -> int:
-        return self.arrays[:, :n].nbytes
+        return self.arrays.shape[0] * n * self.arrays.itemsize
 
 
 STEP_S, GAP_S = 0, 1
@@ -238,6 +257,8 @@ class _Workload:
         self.groups: dict[tuple, set[str]] = {}
         self.emitted: dict[tuple, tuple[int, float]] = {}  # group key -> (bucket, when) last decided
         self.dirty: set[tuple] = set()  # groups that gained blocks since their last decision
+        self.removals = (0.0, 0.0)  # decayed count of evicted blocks, when last updated (turnover)
+        self.born: dict[tuple, float] = {}  # group key -> when its oldest member was first stored
 
     def ungroup(self, block_hash: str, block: "_Block") -> None:
         key = block.key
@@ -248,6 +269,7 @@ class _Workload:
                 del self.groups[key]
                 self.emitted.pop(key, None)
                 self.dirty.discard(key)
+                self.born.pop(key, None)
 
     def regroup(self, hashes: list[str], old: tuple | None, new: tuple) -> None:
         """Move resident blocks from group ``old`` (None: they were not resident) to group ``new``."""
@@ -259,13 +281,25 @@ class _Workload:
                     del self.groups[old]
                     self.emitted.pop(old, None)
                     self.dirty.discard(old)
+                    self.born.pop(old, None)
         self.groups.setdefault(new, set()).update(hashes)
         self.dirty.add(new)
+        born = min((self.blocks[h].born for h in hashes if h in self.blocks), default=None)
+        if born is not None:
+            self.born[new] = min(self.born.get(new, born), born)
 
     def learned_nbytes(self) -> int:
         """Bytes of what was learned about the workload's agents (transitions and timing)."""
         n = len(self.model)
         return self.model.nbytes() + self.timing.nbytes(n) + self.reuse.nbytes(n)
+
+
+def _delay_score(value: float, shortest: float = 1 / 32, longest: float = 32.0) -> float:
+    """A value E[exp(-T / tau)] as a score uniform in log T: 1 at T <= ``shortest`` turnovers, 0 at ``longest``."""
+    if value <= 1e-12:
+        return 0.0
+    delay = max(-math.log(min(value, 1.0)), shortest)  # T / tau
+    return min(max(1.0 - math.log(delay / shortest) / math.log(longest / shortest), 0.0), 1.0)
 
 
 class CacheSage(Policy):
@@ -384,7 +418,7 @@ class CacheSage(Policy):
         cap = self.config.max_users_per_block
         ages = [tuple(u for u in users if u != user) for users in ages]
         ages[0] = (*ages[0], user)[-cap:]
-        shared = shared or len({session for users in ages for _, session in users}) >= 2
+        shared = max(shared, len({session for users in ages for _, session in users}))
         return (*ages, shared, pbin)
 
     def _aged(self, key: tuple, user: tuple[str, str]) -> tuple:
@@ -392,9 +426,10 @@ class CacheSage(Policy):
         *ages, shared, pbin = key
         for age, users in enumerate(ages):
             if user in users:
+                if age == FORGOTTEN:
+                    return key
                 ages[age] = tuple(u for u in users if u != user)
-                if age + 1 < AGES:
-                    ages[age + 1] = (*ages[age + 1], user)[-self.config.max_users_per_block:]
+                ages[age + 1] = (*ages[age + 1], user)[-self.config.max_users_per_block:]
                 break
         return (*ages, shared, pbin)
 
@@ -422,10 +457,12 @@ class CacheSage(Policy):
         user = (event.agent, event.session) if event.agent and event.session else None
         new_keys: dict[tuple, tuple] = {}
         moves: dict[tuple[tuple | None, tuple], list[str]] = {}
+        classes_before: dict[str, int] = {}
         for position, block_hash in enumerate(event.block_hashes, start=event.start_index):
             block = w.blocks.get(block_hash)
             if block is None:
-                block = w.blocks[block_hash] = _Block(((),) * AGES + (False, position_bin(position)))
+                block = w.blocks[block_hash] = _Block(((),) * (AGES + 1) + (0, position_bin(position)),
+                                                      request=event.request, born=event.time)
             else:
                 w.blocks.move_to_end(block_hash)
             old = block.key
@@ -434,6 +471,10 @@ class CacheSage(Policy):
                 new = new_keys.get(old)
                 if new is None:
                     new = new_keys[old] = self._with_user(old, user)
+            if block.request != event.request and new[-1] < POSITION_BINS:  # a second prompt uses it
+                classes_before[block_hash] = new[-1]
+                new = (*new[:-1], new[-1] + POSITION_BINS)
+            block.request = event.request
             if new != old or not block.resident:
                 moves.setdefault((old if block.resident else None, new), []).append(block_hash)
                 block.key, block.resident = new, True
@@ -445,7 +486,7 @@ class CacheSage(Policy):
                 hashes = hashes + [h for h in event.block_hashes if h not in hashes]
             else:
                 if hashes:  # a new prompt: the previous one joins the user's earlier prompts
-                    self._new_prompt(w, user, hashes, event)
+                    self._new_prompt(w, user, hashes, event, classes_before)
                 hashes = list(event.block_hashes)
             w.prefix_of[user] = (event.request, hashes)
         while len(w.blocks) > self.config.max_blocks:
@@ -453,12 +494,21 @@ class CacheSage(Policy):
             if block.resident:
                 w.ungroup(block_hash, block)
 
-    def _new_prompt(self, w: _Workload, user: tuple[str, str], previous: list[str], event: ev.KvBlocksStored) -> None:
+    def _new_prompt(self, w: _Workload, user: tuple[str, str], previous: list[str], event: ev.KvBlocksStored,
+                    classes_before: dict[str, int]) -> None:
         """Learn which of the user's earlier prompts' blocks its new prompt reused; age the others."""
         earlier = w.earlier.setdefault(user, deque())
         chains = [previous, *reversed(earlier)]  # newest first: index = age
+
+        def class_of(block_hash: str, position: int) -> int:
+            found = classes_before.get(block_hash)
+            if found is not None:
+                return found
+            block = w.blocks.get(block_hash)
+            return block.key[-1] if block is not None else position_bin(position)
+
         if event.start_index == 0:  # the whole chain: what it reused is known
-            w.reuse.observe(w.model.agent_id(event.agent), chains, event.block_hashes)
+            w.reuse.observe(w.model.agent_id(event.agent), chains, event.block_hashes, class_of)
         current = set(event.block_hashes)
         older = {h for chain in chains for h in chain if h not in current}
         self._rekey(w, user, older, self._aged)
@@ -467,6 +517,9 @@ class CacheSage(Policy):
             earlier.popleft()
 
     def _on_blocks_removed(self, w: _Workload, event: ev.KvBlocksRemoved) -> None:
+        count, at = w.removals
+        decayed = count * math.exp(-max(event.time - at, 0.0) / self.config.rate_window_s) if at else 0.0
+        w.removals = (decayed + len(event.block_hashes), max(event.time, at))
         for block_hash in event.block_hashes:
             block = w.blocks.get(block_hash)
             if block is not None and block.resident:
@@ -498,27 +551,56 @@ class CacheSage(Policy):
         learned = cycle[cycle > 0]
         return float(learned.mean()) if len(learned) else self.config.default_step_s
 
-    def _session_hits(self, w: _Workload, session: _Session, steps: int, cache: dict) -> dict[str, float]:
-        """P(each agent is called within ``steps`` calls) for one session."""
+    def _turnover_s(self, w: _Workload, now: float) -> float:
+        """How long a block lasts in the cache now: resident blocks / eviction rate (KV events).
+
+        Reuse only counts if it comes before the cache would have dropped the
+        block anyway, so this is the time scale every score is measured on.
+        Without evictions (no pressure) order does not matter: the configured
+        horizon stands in.
+        """
+        count, at = w.removals
+        rate = count * math.exp(-max(now - at, 0.0) / self.config.rate_window_s) / self.config.rate_window_s
+        resident = sum(len(members) for members in w.groups.values())
+        if rate <= 0 or resident == 0:
+            return self.config.horizon_s
+        return min(max(resident / rate, 1.0), self.config.max_turnover_s)
+
+    def _session_soon(self, w: _Workload, session: _Session, discount: float, steps: int,
+                      cache: dict) -> dict[str, float]:
+        """E[discount ** (calls until each agent is next called)] in one session."""
         if session.handoff_to:  # the framework said who is next
-            key = (session.handoff_to, steps - 1)
+            key = ("handoff", session.handoff_to)
             if key not in cache:
-                cache[key] = w.model.hitting(session.handoff_to, steps - 1) if steps > 1 else {}
-            hits = dict(cache[key])
-            hits[session.handoff_to] = 1.0
-            return hits
+                later = w.model.discounted_hitting(session.handoff_to, discount, steps)
+                cache[key] = {a: discount * v for a, v in later.items()}
+                cache[key][session.handoff_to] = discount
+            return cache[key]
         if session.agent is None:
             return {}
-        key = (session.agent, steps)
+        key = ("agent", session.agent)
         if key not in cache:
-            cache[key] = w.model.hitting(session.agent, steps)
+            cache[key] = w.model.discounted_hitting(session.agent, discount, steps)
         return cache[key]
 
+    def _soon_by_session(self, w: _Workload, now: float, discount: float, steps: int) -> dict[str, dict[str, float]]:
+        self._expire_sessions(w, now)
+        cache: dict = {}
+        return {s: self._session_soon(w, st, discount, steps, cache) for s, st in w.sessions.items() if not st.ended}
+
     def _hits_by_session(self, w: _Workload, now: float) -> dict[str, dict[str, float]]:
+        """P(each agent is called within the horizon) per active session (for predictions and tests)."""
         self._expire_sessions(w, now)
         steps = steps_within(self.config.horizon_s, self._mean_cycle_s(w))
-        cache: dict = {}
-        return {s: self._session_hits(w, st, steps, cache) for s, st in w.sessions.items() if not st.ended}
+        out = {}
+        for name, st in w.sessions.items():
+            if st.ended or (st.agent is None and not st.handoff_to):
+                continue
+            hits = w.model.hitting(st.handoff_to or st.agent, steps - 1 if st.handoff_to else steps)
+            if st.handoff_to:
+                hits[st.handoff_to] = 1.0
+            out[name] = hits
+        return out
 
     def _next_agent(self, w: _Workload, session: _Session) -> tuple[str, float] | None:
         if session.handoff_to:
@@ -550,48 +632,68 @@ class CacheSage(Policy):
 
     # --- score --------------------------------------------------------------------
 
-    def _cross_session_survival(self, w: _Workload, agent: str, now: float) -> float:
-        i = w.model.index.get(agent)
-        rate = w.timing.rate(i, now, self.config.rate_window_s) if i is not None else 0.0
-        return math.exp(-rate * self.config.horizon_s)
-
     def _group_scorer(self, w: _Workload, now: float):
-        """A function: group key -> reuse probability within the horizon, memoised for one ``now``."""
-        hits = self._hits_by_session(w, now)
-        factors: dict[tuple, float] = {}  # (user, age, shared, position bin) -> P(this user does not reuse)
-        by_key: dict[tuple, float] = {}
-        steps = steps_within(self.config.horizon_s, self._mean_cycle_s(w))
+        """A function: group key -> score in [0, 1], memoised for one ``now``; higher = reused sooner.
+
+        For each user (agent a, session s) of a block of age r at chain
+        position bin p, the value of keeping it is E[exp(-T / tau)], T the time
+        until a reuses it and tau the cache's turnover time:
+
+            E[g ** K] (K: calls until a next runs in s, from the chain; g = exp(-cycle / tau))
+            * sum_j P(a's j-th next prompt is the first to reuse it) * g ** ((j - 1) / share_a)
+
+        the second factor from the learned reuse hazard by age. A block seen in
+        several sessions is also reused by other sessions' calls of a at a's
+        call rate lambda: E[exp(-T / tau)] = lambda / (lambda + 1 / tau). The
+        block's value combines its users as independent chances, and the score
+        is that value turned back into an expected delay T = -tau ln(value) on
+        a log scale (as Belady's order is one of next-use times).
+        """
+        cfg = self.config
+        tau = self._turnover_s(w, now)
+        cycle = self._mean_cycle_s(w)
+        discount = math.exp(-cycle / tau)
+        steps = max(1, min(cfg.max_lookahead_calls, math.ceil(4 * tau / cycle)))
+        soon = self._soon_by_session(w, now, discount, steps)
         visits = w.model.visits[: len(w.model)]
         share = visits / visits.sum() if len(visits) and visits.sum() > 0 else visits
+        later: dict[tuple, float] = {}  # (agent index, age, position bin) -> reuse factor
+        factors: dict[tuple, float] = {}  # (user, age, shared, position bin) -> 1 - value of this user
+        by_key: dict[tuple, float] = {}
 
-        def calls_within(i: int | None) -> int:
-            """How many calls the agent makes in its session within the horizon (at least the next one)."""
-            return 1 if i is None else max(1, round(steps * float(share[i])))
+        def reuse_factor(i: int | None, age: int, pbin: int) -> float:
+            key = (i, age, pbin)
+            found = later.get(key)
+            if found is None:
+                spacing = 1.0 / max(float(share[i]), 1e-3) if i is not None and i < len(share) else 1.0
+                total, not_yet = 0.0, 1.0
+                for j in range(max(AGES - age, 0)):
+                    h = w.reuse.hazard(age + j, i, pbin)
+                    total += not_yet * h * discount ** (j * spacing)
+                    not_yet *= 1.0 - h
+                found = later[key] = total
+            return found
 
-        def key_score(key: tuple) -> float:
-            found = by_key.get(key)
+        def key_score(key: tuple, born: float) -> float:
+            found = by_key.get((key, born))
             if found is not None:
                 return found
-            *ages, shared, pbin = key
-            survive = 1.0  # P(no user reuses the block within the horizon)
+            *ages, sessions, pbin = key
+            keep = 1.0  # P(no user reuses it before it would be evicted), roughly
             for age, users in enumerate(ages):
                 for user in users:
-                    f = factors.get((user, age, shared, pbin))
+                    f = factors.get((user, age, pbin))
                     if f is None:
                         agent, session = user
-                        session_hits = hits.get(session)
-                        if session_hits:
-                            i = w.model.index.get(agent)
-                            reuse = w.reuse.within(age, i, pbin, calls_within(i))
-                            f = 1.0 - session_hits.get(agent, 0.0) * reuse
-                        else:
-                            f = 1.0
-                        if shared:  # new sessions reuse cross-session blocks at the agent's call rate
-                            f *= self._cross_session_survival(w, agent, now)
-                        factors[(user, age, shared, pbin)] = f
-                    survive *= f
-            by_key[key] = 1.0 - survive
-            return by_key[key]
+                        i = w.model.index.get(agent)
+                        value = soon.get(session, {}).get(agent, 0.0) * reuse_factor(i, age, pbin)
+                        f = factors[(user, age, pbin)] = 1.0 - value
+                    keep *= f
+            if sessions >= 2:  # other sessions reuse it at the rate new sessions have so far
+                rate = (sessions - 1) / max(now - born, cycle)
+                keep *= 1.0 - rate / (rate + 1.0 / tau)
+            by_key[(key, born)] = _delay_score(1.0 - keep)
+            return by_key[(key, born)]
 
         return key_score
 
@@ -601,7 +703,8 @@ class CacheSage(Policy):
         if w is None:
             return {}
         key_score = self._group_scorer(w, now)
-        return {h: key_score(b.key) for h, b in w.blocks.items() if b.resident or not resident_only}
+        return {h: key_score(b.key, w.born.get(b.key, b.born)) for h, b in w.blocks.items()
+                if b.resident or not resident_only}
 
     def score(self, workload: str, now: float) -> Mapping[str, float]:
         return self.block_scores(workload, now)
@@ -631,10 +734,10 @@ class CacheSage(Policy):
         expires = now + cfg.decision_ttl_s
         out: list[ev.Decision] = []
         for key, members in w.groups.items():
-            users = next((u for u in key[:AGES] if u), ())
+            users = next((u for u in key[: FORGOTTEN + 1] if u), ())
             if not users:
                 continue  # unattributed blocks: no agent to key a decision by
-            bucket = min(int(key_score(key) * cfg.score_buckets), top)
+            bucket = min(int(key_score(key, w.born.get(key, now)) * cfg.score_buckets), top)
             last = w.emitted.get(key)
             if last is not None and last[0] == bucket and now - last[1] < refresh_after and key not in w.dirty:
                 continue
@@ -728,8 +831,8 @@ class CacheSage(Policy):
             w.timing.arrays = np.zeros((4, max(8, timing.shape[1])), dtype=np.float32)
             w.timing.arrays[:, : timing.shape[1]] = timing
             if saved.get("reuse"):
-                reuse = np.asarray(saved["reuse"], dtype=np.uint8).reshape(AGES, len(RETENTION_BOUNDS), -1)
-                w.reuse.arrays = np.full((AGES, len(RETENTION_BOUNDS), max(8, reuse.shape[2])), _Reuse.UNSEEN,
+                reuse = np.asarray(saved["reuse"], dtype=np.uint8).reshape(AGES, 2 * POSITION_BINS, -1)
+                w.reuse.arrays = np.full((AGES, 2 * POSITION_BINS, max(8, reuse.shape[2])), _Reuse.UNSEEN,
                                          dtype=np.uint8)
                 w.reuse.arrays[:, :, : reuse.shape[2]] = reuse
             for session_name, st in saved.get("sessions", {}).items():

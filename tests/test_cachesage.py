@@ -92,6 +92,9 @@ def test_state_stays_within_20kb_at_64_agents_and_10mb_at_10k():
         agent = names[int(rng.integers(64))]
         sage.observe(ev.AgentStepStart(workload="w64", agent=agent, time=1e9 + step, session=f"s{step // 50}",
                                        step=step % 50, prefix_fingerprint="f", prefix_tokens=1))
+        chain = tuple(f"{agent}-{k}" for k in range(int(rng.integers(1, 300))))  # every reuse class gets learned
+        sage.observe(ev.KvBlocksStored(workload="w64", agent=agent, time=1e9 + step + 0.1, session=f"s{step // 50}",
+                                       request=f"r{step}", block_hashes=chain, block_size=32))
         sage.observe(ev.AgentStepEnd(workload="w64", agent=agent, time=1e9 + step + 0.5, session=f"s{step // 50}",
                                      step=step % 50))
     assert len(sage.workload("w64").model) == 64
@@ -134,7 +137,7 @@ def test_survival_ranks_a_soon_recurring_agent_above_a_rare_one():
     now = _run_session(sage, "live", ["planner", "auditor", "coder"], start=5000.0,
                        blocks={"planner": ["p1", "p2"], "auditor": ["a1", "a2"]})
     scores = sage.score("w", now)
-    assert scores["p1"] > scores["a1"] + 0.3
+    assert scores["p1"] > scores["a1"] + 0.2
     assert scores["p2"] == pytest.approx(scores["p1"])
 
 
@@ -272,3 +275,59 @@ def test_previous_agent_makes_learning_immune_to_any_partition_skew():
         sage.observe(event)
     assert sage.workload("w").model.observed == len(agents) - 1
     assert sage.skipped == {"duplicate_step": 10}
+
+
+def _prompt(sage: CacheSage, session: str, agent: str, step: int, chain: list[str], t: float) -> None:
+    sage.observe(ev.AgentStepStart(workload="w", agent=agent, time=t, session=session, step=step,
+                                   prefix_fingerprint="f", prefix_tokens=32 * len(chain)))
+    sage.observe(ev.KvBlocksStored(workload="w", agent=agent, time=t + 0.1, session=session,
+                                   request=f"{session}-{step}", block_hashes=tuple(chain), block_size=32))
+    sage.observe(ev.AgentStepEnd(workload="w", agent=agent, time=t + 0.5, session=session, step=step))
+
+
+def test_reuse_hazard_learns_prompt_families_that_come_back_a_call_later():
+    """An agent alternating two prompt families (one per peer) reuses the other family's blocks at age 1,
+    never the latest prompt's tail at age 0; the system prompt at any age."""
+    from policy_workers.cachesage import position_bin
+
+    sage = CacheSage()
+    t = 0.0
+    for k in range(12):
+        session = f"s{k}"
+        for step in range(8):
+            family = "ab"[step % 2]
+            chain = [f"sys-{k}-{i}" for i in range(8)] + [f"{family}-{k}-{i}" for i in range(8)]
+            _prompt(sage, session, "coder", step, chain, t)
+            t += 1.0
+        sage.observe(ev.SessionEnd(workload="w", agent="coder", time=t, session=session))
+    w = sage.workload("w")
+    i = w.model.index["coder"]
+    tail, head = position_bin(12), position_bin(4)
+    assert w.reuse.hazard(0, i, head) > 0.9  # the system prompt is in every prompt
+    assert w.reuse.hazard(0, i, tail + 12) < 0.1  # the latest family's tail: not in the next prompt
+    assert w.reuse.hazard(1, i, tail + 12) > 0.9  # ...but in the one after
+
+
+def test_blocks_their_users_forgot_or_never_reuse_score_zero_and_the_system_prompt_high():
+    sage = CacheSage()
+    t = 0.0
+    for step in range(12):  # every prompt: the system prompt block, then a tail never seen again
+        chain = ["sys"] + [f"p{step}-{i}" for i in range(4)]
+        _prompt(sage, "live", "coder", step, chain, t)
+        t += 1.0
+    scores = sage.score("w", t)
+    assert scores["p0-1"] == 0.0  # five prompts ago: forgotten
+    assert scores["p11-1"] < 0.1  # the latest tail: learned never to come back
+    assert scores["sys"] > 0.5
+
+
+def test_turnover_follows_the_engine_eviction_rate():
+    sage = CacheSage(rate_window_s=100.0)
+    _prompt(sage, "s", "coder", 0, [f"b{i}" for i in range(100)], 0.0)
+    for k in range(50):  # 2 blocks evicted per second for 50 s
+        sage.observe(ev.KvBlocksRemoved(workload="w", agent="coder", time=1.0 + k,
+                                        block_hashes=(f"gone-{k}-a", f"gone-{k}-b")))
+    w = sage.workload("w")
+    rate = 100 * (1 - np.exp(-50 / 100)) / 100  # the decayed count over the window, in blocks per second
+    assert sage._turnover_s(w, 50.0) == pytest.approx(100 / (rate * 2), rel=0.1)
+    assert CacheSage()._turnover_s(CacheSage().workload("x"), 0.0) == CacheSage().config.horizon_s  # no pressure
