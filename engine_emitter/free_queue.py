@@ -95,6 +95,12 @@ class ScoredFreeBlockQueue:
             self._level[block.block_id] = target
         return True
 
+    def relevel_all(self) -> None:
+        """Every free block to the level its state says now (after vLLM dropped all cached content)."""
+        for q in self._queues[1:]:
+            for block in q.get_all_free_blocks():
+                self.relevel(block)
+
     def get_all_free_blocks(self) -> list[KVCacheBlock]:
         return [b for q in self._queues for b in q.get_all_free_blocks()]
 

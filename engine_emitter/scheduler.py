@@ -136,8 +136,22 @@ class AgentRuntimeScheduler(Scheduler):
                 self._on_block_evicted(get_block_hash(block_hash).hex())
             return evicted
 
+        reset_prefix_cache = pool.reset_prefix_cache
+
+        def reset_hook(*args, **kwargs):  # noqa: ANN001
+            done = reset_prefix_cache(*args, **kwargs)
+            if done:  # content gone: free blocks back to the empty level, attribution forgotten
+                self.free_queue.relevel_all()
+                workloads = {self.default_workload} | {workload for workload, _ in self._agent_hashes}
+                self._owners.clear()
+                self._agent_hashes.clear()
+                for workload in sorted(workloads):
+                    self._emit(ev.KvAllBlocksCleared(workload=workload, agent="engine", time=time.time()))
+            return done
+
         pool.cache_full_blocks = cache_full_blocks_hook
         pool._maybe_evict_cached_block = evict_hook
+        pool.reset_prefix_cache = reset_hook
 
     def _on_blocks_cached(self, request: Any, blocks: list[Any], num_cached_blocks: int, num_full_blocks: int) -> None:
         workload, agent, session = request_identity(request, self.default_workload)
@@ -277,8 +291,15 @@ class AgentRuntimeScheduler(Scheduler):
             self.agentrt_counters["prefetch_unknown_prefix"] += 1
             return
         source, num_full_blocks = found
-        tokens = list(source.all_token_ids[: num_full_blocks * self._block_size])
         chain = [bytes(h).hex() for h in source.block_hashes[:num_full_blocks]]  # plain hashes: no group id
+        if decision.block_hashes:  # only the leading blocks the policy asked for
+            wanted = set(decision.block_hashes)
+            num_full_blocks = next((k for k, hx in enumerate(chain) if hx not in wanted), len(chain))
+            chain = chain[:num_full_blocks]
+            if not chain:
+                self.agentrt_counters["prefetch_unknown_prefix"] += 1
+                return
+        tokens = list(source.all_token_ids[: num_full_blocks * self._block_size])
         if all(self._cached_block(hx) is not None for hx in chain):
             self.agentrt_counters["prefetch_already_resident"] += 1
             return

@@ -1,15 +1,18 @@
 """CacheSage vs stock vLLM vs the oracle on real multi-agent traces, side by side (engine environment).
 
-    .venv-engine/bin/python -m evaluation.bench --workloads chatdev [--sessions 16] [--fraction 0.10] [--repeats 2]
+    .venv-engine/bin/python -m evaluation.bench --workloads chatdev [--calls 120] [--fraction 0.05] [--repeats 2]
     .venv-engine/bin/python -m evaluation.bench --all          # the five workloads
 
-Per workload: the first --sessions sessions of the trace, interleaved 16 at a
-time (the simulator's order); KV capacity = --fraction of their distinct full
-prompt blocks (stated in the output). Each repeat runs stock vLLM (its own
-scheduler), vLLM + AgentRuntimeScheduler + CacheSage, and the oracle (exact
-next-use scores from the trace's future through the same decision path), on
-the same model, capacity, order and prompts, the prefix cache reset before
-each arm. The simulator's hit rates for the same order and capacity are shown
+Per workload: the trace's first whole sessions up to --calls calls,
+interleaved 16 at a time (the simulator's order); KV capacity = --fraction of
+their distinct full prompt blocks (default: the workload's pressure band), at
+least one longest prompt; both stated in the output. Each repeat runs, on the same model,
+capacity, order and prompts, the prefix cache reset before each arm:
+- stock: vLLM with its own scheduler;
+- cachesage: vLLM + AgentRuntimeScheduler + CacheSage's eviction scores only;
+- cachesage+prefetch: the same with its pins and prefetches too;
+- oracle: exact next-use scores from the trace's future through the same
+  decision path (Belady in the engine: the limit for eviction alone). The simulator's hit rates for the same order and capacity are shown
 beside the engine's.
 
 Output: a markdown table per workload (hit rate, mean/p50/p99 TTFT,
@@ -29,7 +32,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-ARMS = ("stock", "cachesage", "oracle")
+# Capacity as a fraction of the replayed calls' distinct prompt blocks where eviction order matters
+# (../shared/notes/headroom.md: about 5-10% of the footprint; at 25% LRU is within ~1 pp of optimal).
+PRESSURE = {"ag2_captainagent": 0.05, "chatdev": 0.05, "crewai": 0.05, "magentic_one": 0.10, "tau_airline": 0.05}
+# Calls replayed per workload by default: crewAI's prompts are short and its sessions two calls long.
+CALLS = {"ag2_captainagent": 120, "chatdev": 120, "crewai": 400, "magentic_one": 120, "tau_airline": 120}
+ARMS = ("stock", "cachesage", "cachesage+prefetch", "oracle")
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -65,7 +73,7 @@ COLUMNS = [("hit rate", "hit_rate", "{:.3f}"), ("TTFT mean (s)", "ttft_mean_s", 
 
 def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float]) -> str:
     """Markdown: one row per arm, median over repeats with [min–max], plus ratios against stock."""
-    head = "| arm | " + " | ".join(c[0] for c in COLUMNS) + " | simulated hit rate |"
+    head = "| arm | " + " | ".join(c[0] for c in COLUMNS) + " | simulated hit rate (cache part, 1 call at a time) |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for arm, runs in rows.items():
         cells = []
@@ -162,8 +170,11 @@ def _make_llm(model: str, blocks: int, max_len: int, agentrt: bool) -> Any:
                enable_chunked_prefill=True, max_num_batched_tokens=max(max_len, 2048), **extra)
 
 
-def _warm_up(llm: Any, vocab: int, max_prompt_tokens: int) -> None:
-    """First calls pay one-off costs (kernel selection, allocation): keep them out of every arm's figures."""
+def _warm_up(llm: Any, vocab: int, max_prompt_tokens: int) -> float:
+    """First calls pay one-off costs (kernel selection, allocation): keep them out of every arm's figures.
+
+    Returns the prefill speed (prompt tokens/s) of one uncached longest prompt, measured after warming.
+    """
     import random
 
     from vllm import SamplingParams
@@ -171,7 +182,20 @@ def _warm_up(llm: Any, vocab: int, max_prompt_tokens: int) -> None:
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(n)]}
                for n in (64, 512, max_prompt_tokens // 2, max_prompt_tokens)]
-    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    fresh = [{"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(max_prompt_tokens)]}]
+    began = time.perf_counter()
+    llm.generate(fresh, params, use_tqdm=False)
+    return max_prompt_tokens / (time.perf_counter() - began)
+
+
+def parameters(size: str) -> int:
+    """Parameter count of the generated Llama of this size."""
+    from engine_emitter.tiny_model import SIZES
+
+    hidden, layers, _, intermediate, vocab = SIZES[size]
+    return 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + hidden
 
 
 def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int, run_id: str) -> str:
@@ -182,42 +206,61 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
     from .engine_replay import Arm, OracleArm, PolicyArm, replay
     from .simulator import LRU, Belady, block_uses, distinct_blocks, run_cachesage, simulate
 
-    chosen = dict(list(sessions(read_trace(workload)).items())[: args.sessions])
+    chosen: dict = {}
+    for name, calls in sessions(read_trace(workload)).items():  # whole sessions, in file order
+        if len(chosen) >= args.sessions or sum(map(len, chosen.values())) >= (args.calls or CALLS[workload]):
+            break
+        chosen[name] = calls
     order = list(interleave(chosen, 16))
     # The simulator sees the prompts the engine gets: truncated to the context the engine allows.
     sim_calls = [c.truncated(args.max_prompt_tokens) for c in order]
     footprint = distinct_blocks(sim_calls)
-    capacity = max(int(footprint * args.fraction), args.max_prompt_tokens // 32 + 2)
+    fraction = args.fraction if args.fraction is not None else PRESSURE[workload]
+    # The cache part in the pressure band, plus room for the requests in flight (they hold their blocks):
+    # the simulator, one call at a time, models the cache part.
+    cache_part = int(footprint * fraction)
+    batch = args.max_in_flight * statistics.fmean(c.prompt_tokens for c in sim_calls) / 32
+    longest = max(c.prompt_tokens for c in sim_calls) // 32 + 2
+    capacity = max(cache_part + int(batch), longest)
     setup = {"sessions": len(chosen), "calls": len(order), "footprint_blocks": footprint, "capacity_blocks": capacity,
-             "fraction": args.fraction, "model_size": args.model_size, "max_prompt_tokens": args.max_prompt_tokens,
+             "cache_part_blocks": cache_part,
+             "fraction": fraction, "model_size": args.model_size, "max_prompt_tokens": args.max_prompt_tokens,
              "max_output_tokens": args.max_output_tokens, "max_in_flight": args.max_in_flight,
              "time_scale": args.time_scale, "repeats": args.repeats}
-    print(f"\n## {workload}: {len(chosen)} sessions, {len(order)} calls; KV capacity {capacity} blocks "
-          f"= {capacity / footprint:.1%} of the {footprint}-block prefix footprint (block size 32)", flush=True)
+    print(f"\n## {workload}: {len(chosen)} sessions, {len(order)} calls; KV capacity {capacity} blocks of 32 tokens "
+          f"= {cache_part} ({fraction:.0%} of the {footprint}-block prefix footprint) + {int(batch)} for "
+          f"{args.max_in_flight} requests in flight", flush=True)
     uses = block_uses(sim_calls)
-    simulated = {"stock": simulate(sim_calls, capacity, LRU()).hit_rate,
-                 "cachesage": run_cachesage(sim_calls, capacity, workload).hit_rate,
-                 "oracle": simulate(sim_calls, capacity, Belady(uses)).hit_rate}
+    simulated = {"stock": simulate(sim_calls, cache_part, LRU()).hit_rate,
+                 "cachesage": run_cachesage(sim_calls, cache_part, workload).hit_rate,
+                 "oracle": simulate(sim_calls, cache_part, Belady(uses)).hit_rate}
     # One block more than the capacity: vLLM keeps one as its null block.
     stock_llm = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64, agentrt=False)
     runtime_llm = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64, agentrt=True)
-    for llm in (stock_llm, runtime_llm):
-        _warm_up(llm, vocab, args.max_prompt_tokens)
+    speed = [_warm_up(llm, vocab, args.max_prompt_tokens) for llm in (stock_llm, runtime_llm)][0]
+    setup["prefill_tokens_per_s"] = round(speed)
+    print(f"model {args.model_size} ({parameters(args.model_size) / 1e6:.0f}M parameters, random weights): "
+          f"prefill {speed:,.0f} tokens/s on one uncached {args.max_prompt_tokens}-token prompt", flush=True)
     rows: dict[str, list[dict[str, float]]] = {arm: [] for arm in args.arms}
     last: dict[str, Any] = {}
     for repeat in range(args.repeats):
         for arm_name in args.arms:
             llm = stock_llm if arm_name == "stock" else runtime_llm
-            assert llm.reset_prefix_cache()
-            if arm_name == "stock":
-                arm: Arm = Arm()
-            elif arm_name == "cachesage":
-                arm = PolicyArm(CacheSage())
-            else:
-                arm = OracleArm(order, 32, args.max_prompt_tokens)
-            if arm_name != "stock":
+            if arm_name != "stock":  # forget the previous arm's decisions; release its pins
                 scheduler = llm.llm_engine.engine_core.engine_core.scheduler
                 scheduler.book.clear()
+                scheduler.apply_decisions([])
+            if not llm.reset_prefix_cache():
+                raise RuntimeError("the engine still holds blocks between arms; results would not be comparable")
+            if arm_name == "stock":
+                arm: Arm = Arm()
+            elif arm_name == "cachesage":  # eviction scores only: what the simulator models
+                arm = PolicyArm(CacheSage(pin_threshold=2.0, prefetch_threshold=2.0), name=arm_name,
+                                act_every_s=args.act_every_s)
+            elif arm_name == "cachesage+prefetch":  # everything it does: scores, pins, prefetch
+                arm = PolicyArm(CacheSage(), name=arm_name, act_every_s=args.act_every_s)
+            else:
+                arm = OracleArm(order, 32, args.max_prompt_tokens)
             began = time.perf_counter()
             result = replay(llm, order, arm, workload=workload, vocab_size=vocab,
                             max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
@@ -261,15 +304,21 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["chatdev"], choices=list(WORKLOADS))
     parser.add_argument("--all", action="store_true", help="all five workloads")
-    parser.add_argument("--sessions", type=int, default=16)
-    parser.add_argument("--fraction", type=float, default=0.10, help="KV capacity / prefix footprint")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="whole sessions in file order until this many calls (default: CALLS per workload)")
+    parser.add_argument("--sessions", type=int, default=10_000, help="at most this many sessions")
+    parser.add_argument("--fraction", type=float, default=None,
+                        help="KV capacity / prefix footprint (default: the workload's pressure band, PRESSURE)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--model-size", default="small", choices=("tiny", "small"))
     parser.add_argument("--max-prompt-tokens", type=int, default=4032)
     parser.add_argument("--max-output-tokens", type=int, default=8)
-    parser.add_argument("--max-in-flight", type=int, default=16)
+    parser.add_argument("--max-in-flight", type=int, default=8)
     parser.add_argument("--time-scale", type=float, default=0.0, help="tool gaps x this (0: back to back)")
+    parser.add_argument("--act-every-s", type=float, default=0.1,
+                        help="how often the in-process policy decides (a worker's batch cadence); its time is "
+                             "charged to the engine")
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--db", default="sqlite:///runs/eval/results.db")
     args = parser.parse_args(argv)

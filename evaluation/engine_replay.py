@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from framework_emitter.prefix_blocks import block_hashes
-from framework_emitter.sdk import AgentEventEmitter, prefix_fingerprint
+from framework_emitter.sdk import AgentEventEmitter, CallbackSink, prefix_fingerprint
 from framework_emitter.token_ids import prompt_token_ids
 from framework_emitter.traces import TraceCall
 from streams import events as ev
@@ -94,17 +94,6 @@ class ArmResult:
         return sorted(end - start for start, end in spans.values())
 
 
-class _PolicySink:
-    """A producer stand-in for the SDK: hands each event to an in-process policy (and a real producer, if any)."""
-
-    def __init__(self, observe: Callable[[ev.Event], None], producer: Any = None) -> None:
-        self._observe, self._producer = observe, producer
-
-    def publish(self, event: ev.Event) -> bool:
-        self._observe(event)
-        return self._producer.publish(event) if self._producer is not None else True
-
-
 class Arm:
     """What a run does besides submitting requests: no-op for stock vLLM."""
 
@@ -132,7 +121,7 @@ class PolicyArm(Arm):
     def attach(self, scheduler: Any, workload: str) -> AgentEventEmitter:
         self.scheduler, self.workload = scheduler, workload
         scheduler.observers.append(self.policy.observe)
-        return AgentEventEmitter(_PolicySink(self.policy.observe), workload)
+        return AgentEventEmitter(CallbackSink(self.policy.observe), workload)
 
     def after_step(self, now: float) -> None:
         if now - self._last_act < self.act_every_s:
@@ -327,6 +316,10 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
                 if progress:
                     progress(len(results), len(order))
             arm.after_step(now)
+        # The policy's own requests (prefetches) are invisible to the frontend: let them finish too,
+        # so the next run starts from an idle engine.
+        while runtime and scheduler.has_unfinished_requests():
+            engine.step()
     finally:
         arm.detach()
     if truncated:

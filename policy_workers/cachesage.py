@@ -51,6 +51,7 @@ class CacheSageConfig:
     pin_threshold: float = 0.6  # next-call probability that earns a pin
     pin_ttl_cap_s: float = 30.0
     prefetch_threshold: float = 0.5
+    keep_threshold: float = 0.5  # P(the next prompt keeps a block) for pins and prefetches to cover it
     score_buckets: int = 20
     max_blocks: int = 200_000  # block metadata tracked per workload (oldest forgotten first)
     max_users_per_block: int = 8
@@ -751,6 +752,21 @@ class CacheSage(Policy):
         w.dirty.clear()
         return out
 
+    def _kept_prefix(self, w: _Workload, i: int | None, latest: list[str]) -> list[str]:
+        """The leading blocks of the agent's latest prompt that its next prompt probably keeps.
+
+        Pins and prefetches cover only these: recomputing a conversation tail
+        the next prompt drops costs prefill and brings nothing back.
+        """
+        kept = []
+        for position, block_hash in enumerate(latest):
+            block = w.blocks.get(block_hash)
+            cls = block.key[-1] if block is not None else position_bin(position)
+            if w.reuse.hazard(0, i, cls) < self.config.keep_threshold:
+                break
+            kept.append(block_hash)
+        return kept
+
     def _pins_and_prefetches(self, w: _Workload, workload: str, now: float) -> list[ev.Decision]:
         cfg = self.config
         out: list[ev.Decision] = []
@@ -764,12 +780,13 @@ class CacheSage(Policy):
             agent, probability = nxt
             if session.acted_step == (session.step, agent):
                 continue  # one pin/prefetch per predicted call
-            _, hashes = w.prefix_of.get((agent, name), (None, []))
+            _, latest = w.prefix_of.get((agent, name), (None, []))
+            i = w.model.index.get(agent)
+            hashes = self._kept_prefix(w, i, latest)
             if not hashes:
                 continue
             resident = [h for h in hashes if h in w.blocks and w.blocks[h].resident]
             missing = [h for h in hashes if h not in resident]
-            i = w.model.index.get(agent)
             gap = w.timing.get(GAP_S, i) if i is not None else cfg.default_step_s
             expected_at = (session.step_ended or now) + gap
             expires = now + cfg.decision_ttl_s

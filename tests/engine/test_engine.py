@@ -184,6 +184,12 @@ def test_version_guard_the_vllm_internals_we_rely_on():
     for name in ("schedule", "update_from_output", "add_request", "shutdown"):
         assert hasattr(Scheduler, name), name
     assert "prefill_stats" in inspect.getsource(Request.__init__)
+    # Duplicate copies of a block's content (AgentRuntimeScheduler._copies) and the prefix-cache reset hook.
+    from vllm.v1.core.block_pool import BlockHashToBlockMap
+
+    assert "self._cache" in inspect.getsource(BlockHashToBlockMap.__init__)
+    assert "self.cached_block_hash_to_block = BlockHashToBlockMap()" in inspect.getsource(BlockPool.reset_prefix_cache)
+    assert "block_hashes" in inspect.getsource(Request.__init__)
 
 
 def test_prefetch_restores_an_evicted_prefix_before_the_call(fresh, engine_config):
