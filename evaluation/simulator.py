@@ -149,6 +149,161 @@ class Scored(EvictionOrder):
         return h in self._level_of
 
 
+class TTLPinned(LRU):
+    """Continuum-like: a finished call's blocks are pinned for ``ttl`` calls (the session's next turn),
+    LRU otherwise; when every free block is pinned the oldest goes anyway (pins never starve allocation)."""
+
+    def __init__(self, ttl: int) -> None:
+        super().__init__()
+        self.ttl = ttl
+        self._until: dict[str, int] = {}
+
+    def add(self, h: str, now: int) -> None:
+        super().add(h, now)
+        self._until[h] = now + self.ttl
+
+    def remove(self, h: str) -> None:
+        super().remove(h)
+        self._until.pop(h, None)
+
+    def pop(self, now: int) -> str:
+        for h in self._free:  # oldest first; pins expire, so the scan stops early
+            if self._until.get(h, 0) <= now:
+                del self._free[h]
+                self._until.pop(h, None)
+                return h
+        h = self._free.popitem(last=False)[0]
+        self._until.pop(h, None)
+        return h
+
+
+class StepsToExecution(EvictionOrder):
+    """KVFlow-like: with the workflow graph known, evict first the blocks whose agents are the most
+    steps away from running in their sessions (ended sessions: never), LRU among equals.
+
+    Agent granularity, as KVFlow: a block's priority is the nearest of its (agent, session) users.
+    """
+
+    def __init__(self, distance: dict[str, dict[str, int]], state: "WorkflowState") -> None:
+        self._distance, self._state = distance, state
+        self._groups: dict[frozenset, OrderedDict[str, int]] = {}
+        self._group_of: dict[str, frozenset] = {}
+        self._clock = 0
+        self._memo: dict[frozenset, float] = {}
+        self._memo_at = -1
+
+    def _steps(self, users: frozenset) -> float:
+        best = math.inf
+        for agent, session in users:
+            current = self._state.current.get(session)
+            if current is None or session in self._state.ended:
+                continue
+            best = min(best, self._distance.get(current, {}).get(agent, math.inf))
+        return best
+
+    def add(self, h: str, now: int) -> None:
+        users = frozenset(self._state.users.get(h, ()))
+        self._clock += 1
+        self._groups.setdefault(users, OrderedDict())[h] = self._clock
+        self._group_of[h] = users
+
+    def remove(self, h: str) -> None:
+        users = self._group_of.pop(h)
+        group = self._groups[users]
+        del group[h]
+        if not group:
+            del self._groups[users]
+
+    def pop(self, now: int) -> str:
+        if now != self._memo_at:  # session states change only between calls
+            self._memo, self._memo_at = {}, now
+
+        def priority(item):  # farthest first, then oldest
+            users, group = item
+            steps = self._memo.get(users)
+            if steps is None:
+                steps = self._memo[users] = self._steps(users)
+            return (-steps, next(iter(group.values())))
+
+        users, group = min(self._groups.items(), key=priority)
+        h, _ = group.popitem(last=False)
+        if not group:
+            del self._groups[users]
+        del self._group_of[h]
+        return h
+
+    def __len__(self) -> int:
+        return len(self._group_of)
+
+    def __contains__(self, h: str) -> bool:
+        return h in self._group_of
+
+
+@dataclass
+class WorkflowState:
+    """What a workflow-aware engine knows during a run: each session's current agent, which sessions
+    are over, and who used each block (the last few (agent, session) pairs)."""
+
+    current: dict[str, str] = field(default_factory=dict)
+    ended: set[str] = field(default_factory=set)
+    users: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+
+
+def workflow_distances(calls: Sequence[TraceCall]) -> dict[str, dict[str, int]]:
+    """Steps from each agent to each other along the workflow graph (every observed transition an
+    edge); from an agent to itself: its shortest cycle."""
+    edges: dict[str, set[str]] = {}
+    last: dict[str, str] = {}
+    for call in calls:
+        before = last.get(call.session)
+        if before is not None:
+            edges.setdefault(before, set()).add(call.agent)
+        edges.setdefault(call.agent, set())
+        last[call.session] = call.agent
+    distance: dict[str, dict[str, int]] = {}
+    for start in edges:
+        found: dict[str, int] = {}
+        frontier, steps = [start], 0
+        seen: set[str] = set()
+        while frontier:
+            steps += 1
+            nxt = []
+            for agent in frontier:
+                for target in edges[agent]:
+                    if target not in found:
+                        found[target] = steps
+                    if target not in seen:
+                        seen.add(target)
+                        nxt.append(target)
+            frontier = nxt
+        distance[start] = found
+    return distance
+
+
+def run_steps_to_execution(calls: Sequence[TraceCall], capacity_blocks: int, *, block_size: int = 32) -> SimResult:
+    """KVFlow-like eviction with the workflow graph taken from the whole trace (known in advance)."""
+    state = WorkflowState()
+    remaining: dict[str, int] = {}
+    for call in calls:
+        remaining[call.session] = remaining.get(call.session, 0) + 1
+    order = StepsToExecution(workflow_distances(calls), state)
+
+    def on_call(i: int, call: TraceCall, hashes: list[str], hit: int) -> None:
+        state.current[call.session] = call.agent
+        user = (call.agent, call.session)
+        for h in hashes:
+            before = state.users.get(h, ())
+            state.users[h] = (*(u for u in before if u != user), user)[-8:]
+
+    def after_call(i: int, call: TraceCall) -> None:
+        remaining[call.session] -= 1
+        if not remaining[call.session]:
+            state.ended.add(call.session)
+
+    return simulate(calls, capacity_blocks, order, block_size=block_size, name="StepsToExecution",
+                    on_call=on_call, after_call=after_call)
+
+
 @dataclass
 class SimResult:
     policy: str

@@ -260,6 +260,9 @@ class _Workload:
         self.dirty: set[tuple] = set()  # groups that gained blocks since their last decision
         self.removals = (0.0, 0.0)  # decayed count of evicted blocks, when last updated (turnover)
         self.born: dict[tuple, float] = {}  # group key -> when its oldest member was first stored
+        self.soon_cache: dict[tuple, tuple[int, dict[str, float]]] = {}
+        self.events_since_act = 0
+        self.last_act = -math.inf
 
     def ungroup(self, block_hash: str, block: "_Block") -> None:
         key = block.key
@@ -331,7 +334,9 @@ class CacheSage(Policy):
         if needs_session and not event.session:
             self.skip("missing_session")
             return
-        handler(self, self.workload(event.workload), event)
+        w = self.workload(event.workload)
+        w.events_since_act += 1
+        handler(self, w, event)
 
     def _session(self, w: _Workload, event: ev.Event) -> _Session:
         session = w.sessions.get(event.session)
@@ -567,27 +572,33 @@ class CacheSage(Policy):
             return self.config.horizon_s
         return min(max(resident / rate, 1.0), self.config.max_turnover_s)
 
-    def _session_soon(self, w: _Workload, session: _Session, discount: float, steps: int,
-                      cache: dict) -> dict[str, float]:
-        """E[discount ** (calls until each agent is next called)] in one session."""
-        if session.handoff_to:  # the framework said who is next
-            key = ("handoff", session.handoff_to)
-            if key not in cache:
-                later = w.model.discounted_hitting(session.handoff_to, discount, steps)
-                cache[key] = {a: discount * v for a, v in later.items()}
-                cache[key][session.handoff_to] = discount
-            return cache[key]
-        if session.agent is None:
+    def _session_soon(self, w: _Workload, session: _Session, discount: float, steps: int) -> dict[str, float]:
+        """E[discount ** (calls until each agent is next called)] in one session.
+
+        Cached until the model changes (and per 0.001 of discount): sessions
+        share their current agents, and acts come more often than transitions.
+        """
+        agent = session.handoff_to or session.agent
+        if agent is None:
             return {}
-        key = ("agent", session.agent)
-        if key not in cache:
-            cache[key] = w.model.discounted_hitting(session.agent, discount, steps)
-        return cache[key]
+        key = (bool(session.handoff_to), agent, round(discount, 3), steps)
+        found = w.soon_cache.get(key)
+        if found is not None and found[0] == w.model.version:
+            return found[1]
+        if session.handoff_to:  # the framework said who is next
+            later = w.model.discounted_hitting(agent, discount, steps)
+            value = {a: discount * v for a, v in later.items()}
+            value[agent] = discount
+        else:
+            value = w.model.discounted_hitting(agent, discount, steps)
+        if len(w.soon_cache) > 4096:
+            w.soon_cache.clear()
+        w.soon_cache[key] = (w.model.version, value)
+        return value
 
     def _soon_by_session(self, w: _Workload, now: float, discount: float, steps: int) -> dict[str, dict[str, float]]:
         self._expire_sessions(w, now)
-        cache: dict = {}
-        return {s: self._session_soon(w, st, discount, steps, cache) for s, st in w.sessions.items() if not st.ended}
+        return {s: self._session_soon(w, st, discount, steps) for s, st in w.sessions.items() if not st.ended}
 
     def _hits_by_session(self, w: _Workload, now: float) -> dict[str, dict[str, float]]:
         """P(each agent is called within the horizon) per active session (for predictions and tests)."""
@@ -723,6 +734,9 @@ class CacheSage(Policy):
         w = self._workloads.get(workload)
         if w is None:
             return []
+        if not w.events_since_act and now - w.last_act < self.config.decision_ttl_s / 4:
+            return []  # nothing new, and every decision in force is far from expiry
+        w.events_since_act, w.last_act = 0, now
         decisions: list[ev.Decision] = self._eviction_scores(w, workload, now)
         decisions += self._pins_and_prefetches(w, workload, now)
         return decisions

@@ -36,6 +36,7 @@ class TransitionModel:
         self._dense: np.ndarray | None = np.zeros((8, 8), dtype=self._dtype)
         self._sparse: list[dict[int, float]] | None = None
         self.observed = 0
+        self.version = 0  # changes whenever anything a reading depends on does (callers cache by it)
 
     # --- agents -------------------------------------------------------------
 
@@ -79,12 +80,14 @@ class TransitionModel:
         i = self.agent_id(agent)
         self.visits[: len(self.names)] *= self.decay
         self.visits[i] += 1.0
+        self.version += 1
         return i
 
     def observe(self, src: str, dst: str) -> None:
         """One transition: ``dst`` ran right after ``src`` in the same session."""
         a, b = self.agent_id(src), self.agent_id(dst)
         self.observed += 1
+        self.version += 1
         if self._dense is not None:
             row = self._dense[a]
             row *= self.decay
@@ -124,15 +127,43 @@ class TransitionModel:
         """The row-stochastic matrix over all agents (or the given subset, renormalised)."""
         n = len(self.names)
         subset = np.arange(n) if agents is None else np.asarray(sorted(set(agents)), dtype=np.int64)
-        rows = np.stack([self.row(self.names[i])[subset] for i in subset]) if len(subset) else np.zeros((0, 0))
+        full = self._full_matrix()
+        if full is not None:
+            rows = full[np.ix_(subset, subset)]
+        else:
+            rows = np.stack([self.row(self.names[i])[subset] for i in subset]) if len(subset) else np.zeros((0, 0))
         sums = rows.sum(axis=1, keepdims=True)
         return rows / np.where(sums > 0, sums, 1.0)
+
+    FULL_MATRIX_LIMIT = 1024  # agents up to which the whole matrix is built once per model version
+
+    def _full_matrix(self) -> np.ndarray | None:
+        n = len(self.names)
+        if n > self.FULL_MATRIX_LIMIT:
+            return None
+        cached = getattr(self, "_full", None)
+        if cached is None or cached[0] != self.version or cached[1].shape[0] != n:
+            rows = np.stack([self.row(name) for name in self.names]) if n else np.zeros((0, 0))
+            cached = self._full = (self.version, rows)
+        return cached[1]
 
     def reachable(self, agent: str, steps: int, min_probability: float = 1e-3) -> list[int]:
         """Agents reachable from ``agent`` within ``steps`` through transitions of at least ``min_probability``."""
         start = self.index.get(agent)
         if start is None:
             return []
+        full = self._full_matrix()
+        if full is not None:
+            edges = full >= min_probability
+            seen = np.zeros(len(self.names), dtype=bool)
+            seen[start] = True
+            frontier = seen.copy()
+            for _ in range(steps):
+                frontier = edges[frontier].any(axis=0) & ~seen
+                if not frontier.any():
+                    break
+                seen |= frontier
+            return [int(i) for i in np.nonzero(seen)[0]]
         seen, frontier = {start}, [start]
         for _ in range(steps):
             nxt = []
@@ -150,8 +181,10 @@ class TransitionModel:
         Computed exactly on the chain restricted to the agents reachable within
         ``steps`` (all of them for small workloads).
         """
-        curves = self._hitting_curves(agent, steps)
-        return {name: float(min(max(curve[-1], 0.0), 1.0)) for name, curve in curves.items()}
+        names, curves = self._hitting_curves(agent, steps)
+        if not names:
+            return {}
+        return dict(zip(names, np.clip(curves[-1], 0.0, 1.0).tolist()))
 
     def discounted_hitting(self, agent: str, discount: float, steps: int) -> dict[str, float]:
         """E[discount ** T] for T the number of calls until each agent is next called (0 beyond ``steps``).
@@ -159,17 +192,17 @@ class TransitionModel:
         1 for an agent certain to be next, near 0 for one unlikely to come soon:
         a soft, monotone stand-in for "how soon" that sums over every path.
         """
-        curves = self._hitting_curves(agent, steps)
-        if not curves:
+        names, curves = self._hitting_curves(agent, steps)
+        if not names:
             return {}
         weights = discount ** np.arange(1, steps + 1)
-        return {name: float(min(max(np.dot(np.diff(curve, prepend=0.0), weights), 0.0), 1.0))
-                for name, curve in curves.items()}
+        values = weights @ np.diff(curves, axis=0, prepend=0.0)
+        return dict(zip(names, np.clip(values, 0.0, 1.0).tolist()))
 
-    def _hitting_curves(self, agent: str, steps: int) -> dict[str, np.ndarray]:
-        """Per agent x: P(x called within t calls | current = ``agent``) for t = 1..steps."""
+    def _hitting_curves(self, agent: str, steps: int) -> tuple[list[str], np.ndarray]:
+        """The agents x reachable, and P(x called within t calls | current = ``agent``) for t = 1..steps (rows)."""
         if agent not in self.index or steps <= 0:
-            return {}
+            return [], np.zeros((0, 0))
         subset = self.reachable(agent, steps) if len(self.names) > self.dense_limit else list(range(len(self.names)))
         P = self.matrix(subset)
         start = subset.index(self.index[agent])
@@ -179,7 +212,7 @@ class TransitionModel:
         for t in range(steps):
             H = P + P @ H - P * np.diag(H)[None, :]
             rows[t] = H[start]
-        return {self.names[j]: rows[:, k] for k, j in enumerate(subset)}
+        return [self.names[j] for j in subset], rows
 
     def nbytes(self) -> int:
         """Bytes of learned state (counts, call frequencies, agent names)."""

@@ -43,3 +43,39 @@ def test_cachesage_beats_lru_on_chatdev_in_the_pressure_band(chatdev):
     lru = simulate(chatdev, capacity, LRU()).hit_rate
     sage = run_cachesage(chatdev, capacity, "chatdev").hit_rate
     assert sage > lru + 0.02
+
+
+def test_ttl_pins_hold_a_block_until_they_expire_and_never_starve_allocation():
+    from evaluation.simulator import TTLPinned
+
+    order = TTLPinned(ttl=5)
+    order.add("old", now=0)
+    order.add("new", now=3)
+    assert order.pop(now=4) == "old"  # both pinned: the oldest goes anyway
+    assert order.pop(now=9) == "new"
+    order.add("a", now=10)
+    order.add("b", now=12)
+    assert order.pop(now=16) == "a"  # a's pin expired at 15, b's holds until 17
+    order.add("c", now=16)
+    assert order.pop(now=16) == "b"  # every free block pinned: the oldest
+
+
+def test_workflow_distances_follow_the_observed_graph():
+    from evaluation.simulator import workflow_distances
+    from framework_emitter.traces import TraceCall
+
+    def call(session, seq, agent):
+        return TraceCall("w", session, seq, None, agent, (("x", 32),), 1, None)
+
+    calls = [call("s", 0, "plan"), call("s", 1, "code"), call("s", 2, "test"), call("s", 3, "plan")]
+    distance = workflow_distances(calls)
+    assert distance["plan"] == {"code": 1, "test": 2, "plan": 3}
+    assert distance["test"]["code"] == 2
+
+
+def test_steps_to_execution_and_ttl_run_on_a_real_trace(chatdev):
+    from evaluation.simulator import TTLPinned, run_steps_to_execution
+
+    capacity = int(distinct_blocks(chatdev) * 0.05)
+    for result in (simulate(chatdev[:300], capacity, TTLPinned(16)), run_steps_to_execution(chatdev[:300], capacity)):
+        assert result.calls == 300 and result.evictions > 0 and 0.0 < result.hit_rate < 1.0
