@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -35,8 +36,9 @@ from typing import Any, Sequence
 # Capacity as a fraction of the replayed calls' distinct prompt blocks where eviction order matters
 # (../shared/notes/headroom.md: about 5-10% of the footprint; at 25% LRU is within ~1 pp of optimal).
 PRESSURE = {"ag2_captainagent": 0.05, "chatdev": 0.05, "crewai": 0.05, "magentic_one": 0.10, "tau_airline": 0.05}
-# Calls replayed per workload by default: crewAI's prompts are short and its sessions two calls long.
-CALLS = {"ag2_captainagent": 120, "chatdev": 120, "crewai": 400, "magentic_one": 120, "tau_airline": 120}
+# Calls replayed per workload by default (whole sessions): crewAI's prompts are short and its sessions two calls
+# long; magentic_one's and tau_airline's prompts are long (most reach the 4,032-token context).
+CALLS = {"ag2_captainagent": 120, "chatdev": 120, "crewai": 400, "magentic_one": 80, "tau_airline": 80}
 ARMS = ("stock", "cachesage", "cachesage+prefetch", "oracle")
 
 
@@ -319,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--act-every-s", type=float, default=0.1,
                         help="how often the in-process policy decides (a worker's batch cadence); its time is "
                              "charged to the engine")
+    parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--db", default="sqlite:///runs/eval/results.db")
     args = parser.parse_args(argv)
@@ -334,12 +337,39 @@ def main(argv: list[str] | None = None) -> int:
     model = make_random_llama(Path("runs/models") / args.model_size, args.model_size,
                               max_len=args.max_prompt_tokens + 64)
     vocab = SIZES[args.model_size][4]
-    run_id = uuid.uuid4().hex[:12]
+    run_id = args.run_id or uuid.uuid4().hex[:12]
     print(f"run {run_id}: model {args.model_size} ({model}), results in {args.out} and {args.db}")
-    texts = {w: run_workload(w, args, str(model), vocab, run_id) for w in args.workloads}
-    for workload, text in texts.items():
-        print(f"\n### {workload}\n{text}")
-    return 0
+    if len(args.workloads) == 1:
+        text = run_workload(args.workloads[0], args, str(model), vocab, run_id)
+        print(f"\n### {args.workloads[0]}\n{text}")
+        return 0
+    # One process per workload: vLLM's in-process engines do not survive being torn down and
+    # rebuilt many times in one interpreter (its distributed state goes with the first).
+    failed = []
+    for workload in args.workloads:
+        child = [sys.executable, "-m", "evaluation.bench", "--workloads", workload, "--run-id", run_id,
+                 *_passed_on(argv if argv is not None else sys.argv[1:])]
+        if subprocess.run(child).returncode != 0:
+            failed.append(workload)
+    for workload in args.workloads:
+        path = Path(args.out) / f"{workload}.md"
+        if workload not in failed and path.exists():
+            print(f"\n### {workload}\n{path.read_text().split(chr(10), 2)[2]}")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _passed_on(argv: list[str]) -> list[str]:
+    """The parent's arguments minus the workload selection."""
+    out, skip = [], False
+    for arg in argv:
+        if skip and not arg.startswith("--"):
+            continue
+        skip = arg in ("--workloads", "--all")
+        if not skip:
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":
