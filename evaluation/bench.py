@@ -36,9 +36,10 @@ from typing import Any, Sequence
 # Capacity as a fraction of the replayed calls' distinct prompt blocks where eviction order matters
 # (../shared/notes/headroom.md: about 5-10% of the footprint; at 25% LRU is within ~1 pp of optimal).
 PRESSURE = {"ag2_captainagent": 0.05, "chatdev": 0.05, "crewai": 0.05, "magentic_one": 0.10, "tau_airline": 0.05}
-# Calls replayed per workload by default (whole sessions): crewAI's prompts are short and its sessions two calls
-# long; magentic_one's and tau_airline's prompts are long (most reach the 4,032-token context).
-CALLS = {"ag2_captainagent": 120, "chatdev": 120, "crewai": 400, "magentic_one": 80, "tau_airline": 80}
+# Calls replayed per workload by default (whole sessions, enough for 16 to run at once where cheap): crewAI's
+# sessions are two short calls; magentic_one and tau_airline reuse 83-96% of their prompts, so 400 calls cost
+# little prefill.
+CALLS = {"ag2_captainagent": 120, "chatdev": 120, "crewai": 400, "magentic_one": 400, "tau_airline": 400}
 ARMS = ("stock", "cachesage", "cachesage+prefetch", "oracle")
 
 
@@ -156,6 +157,8 @@ def plot(path: Path, workload: str, rows: dict[str, list[dict[str, float]]], res
     axes[1].legend()
     axes[2].bar(arms, [statistics.median(r["requests_per_s"] for r in rows[a]) for a in arms], color="#55a868")
     axes[2].set_title("throughput (requests/s)")
+    for axis in (axes[0], axes[2]):
+        axis.tick_params(axis="x", labelrotation=20)
     fig.suptitle(workload)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -170,6 +173,16 @@ def _make_llm(model: str, blocks: int, max_len: int, agentrt: bool) -> Any:
     return LLM(model=model, skip_tokenizer_init=True, block_size=32, num_gpu_blocks_override=blocks,
                enable_prefix_caching=True, max_model_len=max_len, max_num_seqs=16, dtype="bfloat16", seed=0,
                enable_chunked_prefill=True, max_num_batched_tokens=max(max_len, 2048), **extra)
+
+
+def _working_set(calls: Sequence[Any], in_flight: int) -> float:
+    """Mean distinct full blocks of ``in_flight`` consecutive calls: what the running batch holds
+    (calls in flight together share their common prefixes' blocks)."""
+    from framework_emitter.prefix_blocks import block_hashes
+
+    chains = [block_hashes(c.segments, 32) for c in calls]
+    sizes = [len(set().union(*chains[i:i + in_flight])) for i in range(max(len(chains) - in_flight + 1, 1))]
+    return statistics.fmean(sizes) if sizes else 0.0
 
 
 def _warm_up(llm: Any, vocab: int, max_prompt_tokens: int) -> float:
@@ -218,10 +231,10 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
     sim_calls = [c.truncated(args.max_prompt_tokens) for c in order]
     footprint = distinct_blocks(sim_calls)
     fraction = args.fraction if args.fraction is not None else PRESSURE[workload]
-    # The cache part in the pressure band, plus room for the requests in flight (they hold their blocks):
+    # The cache part in the pressure band, plus the blocks the requests in flight hold (their working set):
     # the simulator, one call at a time, models the cache part.
     cache_part = int(footprint * fraction)
-    batch = args.max_in_flight * statistics.fmean(c.prompt_tokens for c in sim_calls) / 32
+    batch = _working_set(sim_calls, args.max_in_flight)
     longest = max(c.prompt_tokens for c in sim_calls) // 32 + 2
     capacity = max(cache_part + int(batch), longest)
     setup = {"sessions": len(chosen), "calls": len(order), "footprint_blocks": footprint, "capacity_blocks": capacity,
@@ -231,7 +244,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
              "time_scale": args.time_scale, "repeats": args.repeats}
     print(f"\n## {workload}: {len(chosen)} sessions, {len(order)} calls; KV capacity {capacity} blocks of 32 tokens "
           f"= {cache_part} ({fraction:.0%} of the {footprint}-block prefix footprint) + {int(batch)} for "
-          f"{args.max_in_flight} requests in flight", flush=True)
+          f"the working set of {args.max_in_flight} requests in flight", flush=True)
     uses = block_uses(sim_calls)
     simulated = {"stock": simulate(sim_calls, cache_part, LRU()).hit_rate,
                  "cachesage": run_cachesage(sim_calls, cache_part, workload).hit_rate,
