@@ -35,7 +35,7 @@ $(ENGINE_STAMP): pyproject.toml
 	touch $(ENGINE_STAMP)
 
 # The main job: the pipeline on the embedded broker, then CacheSage vs stock vLLM vs the oracle
-# on the real ChatDev trace, side by side in one run (about 10 minutes from a fresh clone).
+# on the real ChatDev trace, side by side in one run (about 7 minutes from a fresh clone here).
 demo: install install-engine
 	$(BIN)/agentrt demo
 	$(EBIN)/python -m evaluation.bench --workloads chatdev --repeats 1 --out runs/eval --db sqlite:///runs/eval/results.db
