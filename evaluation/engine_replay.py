@@ -239,6 +239,12 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
     remaining = {}
     for call in order:
         remaining[call.session] = remaining.get(call.session, 0) + 1
+    next_in_session: dict[int, TraceCall] = {}  # index in order -> the session's following call
+    last_index: dict[str, int] = {}
+    for k, call in enumerate(order):
+        if call.session in last_index:
+            next_in_session[last_index[call.session]] = call
+        last_index[call.session] = k
     ready_at: dict[str, float] = {}  # session -> when its next call may go (previous finished + gap)
     busy: set[str] = set()
     previous: dict[str, TraceCall] = {}
@@ -302,9 +308,8 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
                                           int(out.num_cached_tokens or 0), submitted,
                                           first_token.pop(out.request_id, now), now))
                 remaining[call.session] -= 1
-                nxt = index + 1
                 gap = 0.0
-                following = next((c for c in order[nxt:nxt + 64] if c.session == call.session), None)
+                following = next_in_session.get(index)
                 if following is not None and following.t is not None and call.t is not None:
                     gap = max(following.t - call.t, 0.0) * time_scale
                 ready_at[call.session] = now + gap

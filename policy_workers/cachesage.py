@@ -38,7 +38,7 @@ import numpy as np
 from streams import events as ev
 
 from .policy import Policy, Prediction
-from .transitions import TransitionModel, steps_within
+from .transitions import TransitionModel
 
 
 @dataclass
@@ -196,13 +196,6 @@ class _Reuse:
         others = self.arrays[age, position_bin]
         observed = others[others != self.UNSEEN]
         return float(observed.mean()) / 254 if len(observed) else self.PRIOR
-
-    def within(self, age: int, i: int | None, position_bin: int, calls: int) -> float:
-        """P(reused by one of the user's next ``calls`` prompts), the block now at ``age``."""
-        miss = 1.0
-        for k in range(max(calls, 1)):
-            miss *= 1.0 - self.hazard(age + k, i, position_bin)
-        return 1.0 - miss
 
     def nbytes(self, n: int) -> int:
         return self.arrays.shape[0] * self.arrays.shape[1] * n * self.arrays.itemsize
@@ -599,20 +592,6 @@ class CacheSage(Policy):
     def _soon_by_session(self, w: _Workload, now: float, discount: float, steps: int) -> dict[str, dict[str, float]]:
         self._expire_sessions(w, now)
         return {s: self._session_soon(w, st, discount, steps) for s, st in w.sessions.items() if not st.ended}
-
-    def _hits_by_session(self, w: _Workload, now: float) -> dict[str, dict[str, float]]:
-        """P(each agent is called within the horizon) per active session (for predictions and tests)."""
-        self._expire_sessions(w, now)
-        steps = steps_within(self.config.horizon_s, self._mean_cycle_s(w))
-        out = {}
-        for name, st in w.sessions.items():
-            if st.ended or (st.agent is None and not st.handoff_to):
-                continue
-            hits = w.model.hitting(st.handoff_to or st.agent, steps - 1 if st.handoff_to else steps)
-            if st.handoff_to:
-                hits[st.handoff_to] = 1.0
-            out[name] = hits
-        return out
 
     def _next_agent(self, w: _Workload, session: _Session) -> tuple[str, float] | None:
         if session.handoff_to:
