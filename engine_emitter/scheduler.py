@@ -33,6 +33,7 @@ from collections import Counter, OrderedDict
 from typing import Any, Callable
 
 from vllm.v1.core.kv_cache_utils import BlockHash, get_block_hash, make_block_hash_with_group_id
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from streams import events as ev
@@ -460,3 +461,12 @@ class AgentRuntimeScheduler(Scheduler):
                 observer(event)
             except Exception:  # a listener's bug must not stop the engine
                 self.agentrt_counters["observer_errors"] += 1
+
+
+class AsyncAgentRuntimeScheduler(AgentRuntimeScheduler, AsyncScheduler):
+    """The same integration on vLLM's ``AsyncScheduler`` (GPU hosts, where async scheduling is on).
+
+    vLLM composes its own diffusion scheduler the same way. Select it with
+    ``--scheduler-cls engine_emitter.scheduler.AsyncAgentRuntimeScheduler``;
+    the plain class turns async scheduling off (vLLM warns about it).
+    """

@@ -190,6 +190,9 @@ def test_version_guard_the_vllm_internals_we_rely_on():
     assert "self._cache" in inspect.getsource(BlockHashToBlockMap.__init__)
     assert "self.cached_block_hash_to_block = BlockHashToBlockMap()" in inspect.getsource(BlockPool.reset_prefix_cache)
     assert "block_hashes" in inspect.getsource(Request.__init__)
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # AsyncAgentRuntimeScheduler's other base
+
+    assert AsyncScheduler.__mro__[1] is Scheduler
 
 
 def test_prefetch_restores_an_evicted_prefix_before_the_call(fresh, engine_config):

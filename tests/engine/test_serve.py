@@ -1,8 +1,10 @@
 """The runtime layer in vLLM's OpenAI-compatible server, enabled by configuration alone.
 
 The server runs as its own process (API server + EngineCore), started with
-``--scheduler-cls engine_emitter.scheduler.AgentRuntimeScheduler`` and the
-``AGENTRT_*`` environment, nothing else. Requests name their agent through
+``--scheduler-cls engine_emitter.scheduler.AsyncAgentRuntimeScheduler`` and the
+``AGENTRT_*`` environment, nothing else. The async variant (GPU hosts' choice)
+is the one served here, so both classes are covered: the offline tests run the
+plain one. The CPU platform turns async scheduling off, so it runs synchronously. Requests name their agent through
 ``vllm_xargs``. Same pressure scenario as test_engine.py: planner, five
 workers, planner again, in a 39-block cache.
 """
@@ -40,7 +42,7 @@ def serve_command(model: str, port: int) -> list[str]:
             "--skip-tokenizer-init", "--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override", str(NUM_BLOCKS),
             "--enable-prefix-caching", "--max-model-len", "1024", "--max-num-seqs", "4", "--dtype", "bfloat16",
             "--seed", "0", "--enable-prompt-tokens-details",
-            "--scheduler-cls", "engine_emitter.scheduler.AgentRuntimeScheduler"]
+            "--scheduler-cls", "engine_emitter.scheduler.AsyncAgentRuntimeScheduler"]
 
 
 @pytest.fixture(scope="module")
