@@ -30,6 +30,7 @@ from pathlib import Path
 
 from framework_emitter.replayer import trace_events
 from framework_emitter.traces import read_trace, sessions
+from policy_workers.worker import consumed_topics, group_id
 from streams.admin import admin_client, group_lag
 from streams.broker import EmbeddedBroker
 from streams.config import StreamsConfig
@@ -54,11 +55,15 @@ def _start_worker(config: StreamsConfig, workdir: Path) -> subprocess.Popen:
 
 
 def _wait_caught_up(config: StreamsConfig, topics: Topics, expected: int, timeout_s: float = 600) -> None:
-    group = f"{config.topic_prefix}-policy-cachesage"
+    group = group_id("cachesage", config.topic_prefix)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        rows = group_lag(config.bootstrap_servers, group, [topics.framework, topics.engine])
-        if sum(r.committed or 0 for r in rows) >= expected and sum(r.lag for r in rows) == 0:
+        try:
+            rows = group_lag(config.bootstrap_servers, group, consumed_topics("cachesage", config.topic_prefix))
+        except ValueError:  # the worker has not created its by-workload topic yet
+            rows = []
+        source = [r for r in rows if r.topic in (topics.framework, topics.engine)]
+        if sum(r.committed or 0 for r in source) >= expected and rows and sum(r.lag for r in rows) == 0:
             return
         time.sleep(0.5)
     raise TimeoutError("the worker did not catch up")

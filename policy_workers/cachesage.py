@@ -833,6 +833,10 @@ class CacheSage(Policy):
                 "reuse": w.reuse.arrays[:, :, :n].tolist(),
                 "sessions": sessions}
 
+    def forget(self, workloads: Iterable[str]) -> None:
+        for name in workloads:
+            self._workloads.pop(name, None)
+
     def load_state(self, state: Mapping[str, Any]) -> None:
         for name, saved in state.items():
             w = self._workloads[name] = _Workload(self.config)

@@ -73,6 +73,12 @@ class Policy(ABC):
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`to_state` returned (workloads not mentioned are left as they are)."""
 
+    def forget(self, workloads: Iterable[str]) -> None:
+        """Drop what the policy holds for ``workloads``: another worker process took them over.
+
+        The host no longer feeds or acts on them either way; a policy overrides this to free
+        the memory (and so that a later hand-back reloads fresh state)."""
+
 
 def discover_policies() -> dict[str, type[Policy]]:
     """Policies installed under the ``agentrt.policies`` entry-point group, by name."""

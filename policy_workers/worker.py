@@ -10,6 +10,15 @@ policy, acts on the events that change what should be cached (a step
 ending, a tool call, a handoff, a block removed) and on a timer, and
 publishes decisions to the decisions topic keyed by agent.
 
+Scale-out: start the same command again. Two stages share the group's
+partitions: ``route`` reads the agent-keyed topics and forwards each message,
+unchanged, to the group's ``-by-workload`` topic on the partition of its
+workload; ``feed`` reads that topic. A policy learns per workload (CacheSage's
+transition matrix spans a workload's agents), so every event of a workload
+must reach one process: the workload is the unit of scale-out, the partition
+the unit of assignment. After a rebalance a process drops the workloads it
+lost and loads the ones it gained from the state changelog.
+
 State: the policy's learned state is written to a compacted changelog topic
 (keyed by workload) after each batch and before the batch's offsets are
 committed, so a restarted worker recovers it from the changelog and resumes
@@ -36,6 +45,7 @@ from streams.admin import admin_client, latest_values
 from streams.config import StreamsConfig
 from streams.consumer import dead_letter_headers
 from streams.events import EventValidationError
+from streams.keys import KeyError_, decode_key, partition_for
 from streams.serde import decode, encode
 from streams.stats import LatencyReservoir
 from streams.topics import Topics
@@ -83,6 +93,7 @@ class SqlSnapshots:
 @dataclass
 class WorkerCounters:
     events: int = 0
+    routed: int = 0  # forwarded to the by-workload topic (by any process's feed)
     dead_letters: int = 0
     decisions: int = 0
     acts: int = 0
@@ -105,15 +116,33 @@ def _learned_summary(policy: Policy, states: dict[str, Any] | None = None) -> di
     return {w: int(s.get("model", {}).get("observed", 0)) if isinstance(s, dict) else 0 for w, s in states.items()}
 
 
-def ensure_state_topic(config: StreamsConfig, name: str) -> None:
-    """The policy's state changelog: one partition (one total order), compacted."""
+def by_workload_topic(policy_name: str, topic_prefix: str = "agentrt") -> str:
+    """The group's repartition topic: the source events, partitioned by workload."""
+    return f"{group_id(policy_name, topic_prefix)}-by-workload"
+
+
+def consumed_topics(policy_name: str, topic_prefix: str = "agentrt") -> list[str]:
+    """Every topic the policy's group reads: its lag over these says whether it is caught up."""
+    topics = Topics.for_prefix(topic_prefix)
+    return [topics.framework, topics.engine, by_workload_topic(policy_name, topic_prefix)]
+
+
+def workload_partition(workload: str, partitions: int) -> int:
+    """The ``-by-workload`` partition that carries every event of ``workload``."""
+    return partition_for(workload.encode(), partitions)
+
+
+def ensure_worker_topic(config: StreamsConfig, name: str, partitions: int = 1, compact: bool = True) -> None:
+    """One of the group's own topics: the state changelog (one partition, one total order,
+    compacted) or the by-workload stream (the source topics' partition count)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import NewTopic
 
     admin = admin_client(config.bootstrap_servers)
     if name in admin.list_topics(timeout=10).topics:
         return
-    topic = NewTopic(name, 1, config.replication_factor, config={"cleanup.policy": "compact"})
+    topic = NewTopic(name, partitions, config.replication_factor,
+                     config={"cleanup.policy": "compact" if compact else "delete"})
     for future in admin.create_topics([topic]).values():
         try:
             future.result()
@@ -151,6 +180,10 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
     )
     source = app.topic(topics.framework, topics.engine, key_serializer="raw", value_serializer="raw",
                        partitions=config.partitions)
+    by_workload_name = by_workload_topic(policy.name, config.topic_prefix)
+    ensure_worker_topic(config, by_workload_name, config.partitions, compact=False)
+    by_workload = app.topic(by_workload_name, key_serializer="raw", value_serializer="raw",
+                            partitions=config.partitions)
     decisions = app.topic(topics.decisions, key_serializer="raw", value_serializer="raw",
                           partitions=config.partitions)
     dead_letters = app.topic(topics.dead_letters, key_serializer="raw", value_serializer="raw")
@@ -159,14 +192,19 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
     # Not a faust Table: after a crash-restart, faust's table recovery left source partitions
     # paused and consumption stalled on the embedded broker (3 of 4 runs; docs/policy_workers.md).
     state_topic_name = f"{group_id(policy.name, config.topic_prefix)}-state"
-    ensure_state_topic(config, state_topic_name)
+    ensure_worker_topic(config, state_topic_name)
     state_topic = app.topic(state_topic_name, key_serializer="raw", value_serializer="raw", partitions=1)
     snapshots = SqlSnapshots(snapshot_url) if snapshot_url else None
     counters = WorkerCounters()
     latency = LatencyReservoir()
-    restored = {"done": False}
+    owned: set[int] = set()  # this process's partitions of the by-workload topic
+    loaded: set[int] = set()  # ... whose workloads' state this process holds (loaded or kept)
+    changelog_read: dict[str, dict[str, Any]] = {}  # one read per rebalance, shared by the loads
     app.agentrt_counters = counters  # type: ignore[attr-defined]
     app.agentrt_policy = policy  # type: ignore[attr-defined]
+
+    def partition_of(workload: str) -> int:
+        return workload_partition(workload, config.partitions)
 
     def read_changelog() -> dict[str, Any]:
         # To its true end: readers stopping at the offset ListOffsets reports miss the tail
@@ -174,18 +212,37 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
         raw = latest_values(config.bootstrap_servers, state_topic_name)
         return {k.decode(): json.loads(v) for k, v in raw.items() if k is not None}
 
-    async def restore_once() -> None:
-        # Once, before the first batch: the changelog wins; SQL fills in workloads it lacks.
-        if restored["done"]:
-            return
-        restored["done"] = True
-        states = dict(snapshots.load(policy.name)) if snapshots else {}
-        changelog = await asyncio.get_running_loop().run_in_executor(None, read_changelog)
-        states.update({w: st for w, st in changelog.items() if st is not None})
-        if states:
-            policy.load_state(states)
-        log.warning("restored %s state (transitions observed per workload): %s", policy.name,
-                    json.dumps(_learned_summary(policy, states), sort_keys=True))
+    @app.on_partitions_assigned.connect
+    async def _on_assigned(sender, assigned, **kwargs) -> None:  # noqa: ANN001 - faust's signal
+        # A partition this process kept through the rebalance was read by no one else: its
+        # workloads stay in memory (with the block index the changelog does not hold). One it
+        # gained is loaded from the changelog before its first event or act; faust may deliver
+        # that event before this signal, hence the check per event rather than here.
+        owned.clear()
+        owned.update(tp.partition for tp in assigned if tp.topic == by_workload_name)
+        loaded.intersection_update(owned)
+        changelog_read.clear()
+        lost = [w for w in policy.workloads() if partition_of(w) not in loaded]
+        policy.forget(lost)
+        log.warning("assigned partitions %s of %s%s", sorted(owned), by_workload_name,
+                    f"; handed over workloads {sorted(lost)}" if lost else "")
+
+    async def load_partition(partition: int) -> None:
+        """Before a gained partition's first event or act: its workloads' state from the
+        changelog (SQL fills in workloads it lacks). The changelog is at least as new as the
+        offsets consumption restarts from (a re-read step is recognised and skipped)."""
+        if not changelog_read:
+            states = dict(snapshots.load(policy.name)) if snapshots else {}
+            changelog = await asyncio.get_running_loop().run_in_executor(None, read_changelog)
+            states.update({w: st for w, st in changelog.items() if st is not None})
+            changelog_read["states"] = states
+        here = {w: st for w, st in changelog_read["states"].items() if partition_of(w) == partition}
+        policy.forget([w for w in policy.workloads() if partition_of(w) == partition])
+        if here:
+            policy.load_state(here)
+            log.warning("restored %s state (transitions observed per workload): %s", policy.name,
+                        json.dumps(_learned_summary(policy, here), sort_keys=True))
+        loaded.add(partition)
 
     async def publish_decisions(workload: str, triggered_at: float | None = None) -> None:
         counters.acts += 1
@@ -202,10 +259,32 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
         counters.act_s += acted - began
         counters.send_s += time.perf_counter() - acted
 
+    async def dead_letter(event_msg: Any, reason: str) -> None:
+        message = event_msg.message
+        counters.dead_letters += 1
+        headers = dead_letter_headers(message.headers, reason, message.topic, message.partition, message.offset)
+        await dead_letters.send(key=event_msg.key, value=event_msg.value, headers=headers)
+
     @app.agent(source)
+    async def route(stream):  # noqa: ANN001 - faust's stream type
+        # The message goes on unchanged (agent key, headers, Kafka timestamp for the latency
+        # figure); only its partition changes, to its workload's.
+        async for batch in stream.take_events(batch_max, within=batch_within_s):
+            for event_msg in batch:
+                message = event_msg.message
+                try:
+                    workload, _ = decode_key(event_msg.key)
+                except KeyError_ as exc:
+                    await dead_letter(event_msg, str(exc))
+                    continue
+                counters.routed += 1
+                by_workload.send_soon(key=event_msg.key, value=event_msg.value, headers=message.headers,
+                                      partition=workload_partition(workload, config.partitions),
+                                      timestamp=message.timestamp)
+
+    @app.agent(by_workload)
     async def feed(stream):  # noqa: ANN001 - faust's stream type
         async for batch in stream.take_events(batch_max, within=batch_within_s):
-            await restore_once()
             counters.batches += 1
             counters.first_event_at = counters.first_event_at or time.time()
             began = time.perf_counter()
@@ -213,6 +292,8 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
             triggered: dict[str, float] = {}  # workload -> Kafka timestamp of its latest triggering event
             for event_msg in batch:
                 message = event_msg.message
+                if message.partition not in loaded:
+                    await load_partition(message.partition)
                 try:
                     event = decode(event_msg.key, event_msg.value)
                     policy.observe(event)
@@ -220,10 +301,7 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
                     reason = exc.reason if isinstance(exc, EventValidationError) else f"policy error: {exc!r}"
                     if not isinstance(exc, EventValidationError):
                         log.exception("policy %s failed on an event; dead-lettered", policy.name)
-                    counters.dead_letters += 1
-                    headers = dead_letter_headers(message.headers, reason, message.topic, message.partition,
-                                                  message.offset)
-                    await dead_letters.send(key=event_msg.key, value=event_msg.value, headers=headers)
+                    await dead_letter(event_msg, reason)
                     continue
                 counters.events += 1
                 touched.add(event.workload)
@@ -241,8 +319,11 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
 
     @app.timer(interval=act_interval_s)
     async def tick() -> None:
+        for partition in sorted(owned - loaded):
+            await load_partition(partition)
         for workload in policy.workloads():
-            await publish_decisions(workload)
+            if partition_of(workload) in loaded:
+                await publish_decisions(workload)
 
     @app.timer(interval=30.0)
     async def snapshot() -> None:
@@ -253,7 +334,7 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
     async def _on_shutdown(sender, **kwargs) -> None:  # noqa: ANN001
         if snapshots:
             snapshots.save(policy.name, policy.to_state())
-        stats = {"policy": policy.name, **counters.__dict__, "skipped": dict(policy.skipped),
+        stats = {"policy": policy.name, **counters.__dict__, "workloads": policy.workloads(), "skipped": dict(policy.skipped),
                  "decision_latency": latency.percentiles(),
                  "learned_bytes": {w: getattr(policy, "learned_nbytes", lambda _: 0)(w) for w in policy.workloads()}}
         if stats_file:

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 from framework_emitter.replayer import publish, trace_events
 from framework_emitter.traces import read_trace, sessions
 from streams import events as ev
+from policy_workers.worker import consumed_topics
 from streams.admin import group_lag
 from streams.keys import encode_key
 from streams.producer import EventProducer
@@ -71,9 +72,13 @@ def _decisions(config, topics, until, timeout_s: float = 60.0) -> list[tuple[byt
 def _wait_until_caught_up(config, topics, group: str, timeout_s: float = 180.0) -> None:
     # A worker restarted after a crash rejoins its group only once the broker has dropped the
     # dead member: about a minute on the embedded broker (measured), hence the long wait.
-    deadline = time.monotonic() + timeout_s
+    deadline, rows = time.monotonic() + timeout_s, []
     while time.monotonic() < deadline:
-        rows = group_lag(config.bootstrap_servers, group, [topics.framework, topics.engine])
+        try:
+            rows = group_lag(config.bootstrap_servers, group, consumed_topics(group.rsplit("-policy-", 1)[1],
+                                                                              config.topic_prefix))
+        except ValueError:  # the worker has not created its by-workload topic yet
+            rows = []
         if rows and sum(r.lag for r in rows) == 0:
             return
         time.sleep(1.0)
@@ -184,3 +189,51 @@ def test_faust_consumer_seam_is_where_we_expect_it():
     faust_tuning.install()
     faust_tuning.install()
     assert faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer is faust_tuning._create_worker_consumer
+
+
+def _stopped_stats(log: Path) -> dict:
+    import json
+
+    found = re.findall(r"policy worker cachesage stopped: (\{.*\})", log.read_text())
+    return json.loads(found[-1]) if found else {}
+
+
+def test_two_worker_processes_split_the_workloads_and_one_takes_over_when_the_other_stops(config, topics, tmp_path):
+    """Scale-out by partitions: every event of a workload reaches one process, and a hand-over keeps its state."""
+    names = ["ag2_captainagent", "chatdev", "crewai", "tau_airline"]
+    chosen = {name: dict(list(sessions(read_trace(name)).items())[:2]) for name in names}
+    later = {name: dict(list(sessions(read_trace(name)).items())[2:4]) for name in names}
+    expected = {name: sum(len(calls) - 1 for calls in (*chosen[name].values(), *later[name].values()))
+                for name in names}
+    group = f"{config.topic_prefix}-policy-cachesage"
+
+    def publish_all(which: dict) -> None:
+        with EventProducer(config, topics) as producer:
+            for name, picked in which.items():
+                publish(producer, trace_events(name, picked, kv_block_size=32))
+            producer.flush()
+
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    a = _worker(config, "cachesage", tmp_path / "a.db", logs[0])
+    b = _worker(config, "cachesage", tmp_path / "b.db", logs[1])
+    try:
+        publish_all(chosen)
+        _wait_until_caught_up(config, topics, group)
+        got = _decisions(config, topics, lambda got: {d.workload for _, d in got} >= set(names))
+        _stop(a)  # b takes a's partitions and loads a's workloads from the state changelog
+        publish_all(later)
+        _wait_until_caught_up(config, topics, group)
+    finally:
+        _stop(b)
+        if a.poll() is None:
+            a.kill()
+    assert {d.workload for _, d in got} >= set(names), logs[1].read_text()[-2000:]
+    held_a, held_b = _stopped_stats(logs[0]).get("workloads"), None
+    assert held_a and set(held_a) < set(names), logs[0].read_text()[-2000:]
+    # b held the rest while a ran: the two processes never learned the same workload.
+    assert re.search(r"assigned partitions \[\d, \d\]", logs[1].read_text()), logs[1].read_text()[-2000:]
+    held_b = _stopped_stats(logs[1])["workloads"]
+    assert sorted(held_b) == names, logs[1].read_text()[-2000:]
+    # Every transition of every workload, the ones learned by a included, is in b's final state.
+    assert _logged_state(logs[1], "saved") == expected, (logs[0].read_text()[-1500:], logs[1].read_text()[-2500:])
+    assert "handed over workloads" not in logs[1].read_text()  # b only ever gained
