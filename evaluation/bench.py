@@ -76,7 +76,7 @@ COLUMNS = [("hit rate", "hit_rate", "{:.3f}"), ("TTFT mean (s)", "ttft_mean_s", 
 
 def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float]) -> str:
     """Markdown: one row per arm, median over repeats with [min–max], plus ratios against stock."""
-    head = "| arm | " + " | ".join(c[0] for c in COLUMNS) + " | simulated hit rate (cache part, 1 call at a time) |"
+    head = "| arm | " + " | ".join(c[0] for c in COLUMNS) + " | simulated hit rate (same capacity and requests in flight) |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for arm, runs in rows.items():
         cells = []
@@ -246,9 +246,11 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
           f"= {cache_part} ({fraction:.0%} of the {footprint}-block prefix footprint) + {int(batch)} for "
           f"the working set of {args.max_in_flight} requests in flight", flush=True)
     uses = block_uses(sim_calls)
-    simulated = {"stock": simulate(sim_calls, cache_part, LRU()).hit_rate,
-                 "cachesage": run_cachesage(sim_calls, cache_part, workload).hit_rate,
-                 "oracle": simulate(sim_calls, cache_part, Belady(uses)).hit_rate}
+    # The simulator in the engine's setting: the whole capacity, the same number of requests in flight.
+    k = args.max_in_flight
+    simulated = {"stock": simulate(sim_calls, capacity, LRU(), in_flight=k).hit_rate,
+                 "cachesage": run_cachesage(sim_calls, capacity, workload, in_flight=k).hit_rate,
+                 "oracle": simulate(sim_calls, capacity, Belady(uses), in_flight=k).hit_rate}
     # One block more than the capacity: vLLM keeps one as its null block.
     stock_llm = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64, agentrt=False)
     runtime_llm = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64, agentrt=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -325,17 +325,45 @@ def distinct_blocks(calls: Sequence[TraceCall], block_size: int = 32) -> int:
 
 def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOrder, *, block_size: int = 32,
              name: str = "", on_call: Callable[[int, TraceCall, list[str], int], None] | None = None,
-             on_evict: Callable[[str], None] | None = None, after_call: Callable[[int, TraceCall], None] | None = None
-             ) -> SimResult:
+             on_evict: Callable[[str], None] | None = None, after_call: Callable[[int, TraceCall], None] | None = None,
+             in_flight: int = 1, on_finish: Callable[[int, TraceCall], None] | None = None) -> SimResult:
     """Run the calls through a block pool of ``capacity_blocks`` with eviction ``order``.
 
-    Callbacks let a policy observe (``on_call(i, call, hashes, hit_blocks)``, ``on_evict(h)``)
-    and act (``after_call``) between calls, as the stream would around an engine.
+    Callbacks let a policy observe (``on_call(i, call, hashes, hit_blocks)``, ``on_evict(h)``,
+    ``on_finish(i, call)`` when the call's blocks are freed) and act (``after_call``) between
+    calls, as the stream would around an engine.
+    ``in_flight`` > 1 models a running batch: a call's blocks stay in use (not evictable)
+    until the call ``in_flight`` places later starts, as in a replay that keeps that many
+    requests in flight and completes them roughly in order; ``capacity_blocks`` is then the
+    engine's whole KV capacity, working set included.
     """
     cached: set[str] = set()  # hashes with a block (in use or free)
     free_uncached = capacity_blocks  # empty blocks (never cached, or dropped)
     result = SimResult(name or type(order).__name__, capacity_blocks)
+    users: dict[str, int] = {}  # hash -> calls in flight using it
+    running: deque[tuple[int, list[str], bool]] = deque()  # (index, hashes, has a partial block) in flight
+    running_sessions: dict[str, int] = {}
+
+    def finish(started: int, hashes: list[str], partial: bool, now: int) -> int:
+        """Free a finished call's blocks (tail of the chain evicted first); returns empty blocks freed."""
+        for h in reversed(hashes):
+            users[h] -= 1
+            if not users[h]:
+                del users[h]
+                order.add(h, now)
+        if on_finish:
+            on_finish(started, calls[started])
+        return 1 if partial else 0  # the partial block holds nothing reusable
+
     for i, call in enumerate(calls):
+        # Room for one more request; and a session's next call waits for its previous one (with
+        # calls started in order and finishing in order, so does every call after it).
+        while running and (len(running) >= in_flight or call.session in running_sessions):
+            started, *rest = running.popleft()
+            running_sessions[calls[started].session] -= 1
+            if not running_sessions[calls[started].session]:
+                del running_sessions[calls[started].session]
+            free_uncached += finish(started, *rest, i)
         hashes = block_hashes(call.segments, block_size)
         prompt = call.prompt_tokens
         hit = 0
@@ -347,6 +375,8 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
         for h in hashes:  # every cached block of the prompt is in use now: out of the free queue
             if h in order:
                 order.remove(h)
+        for h in set(hashes):
+            users[h] = users.get(h, 0) + 1
         need = sum(h not in cached for h in hashes) + (1 if prompt % block_size else 0)
         # Allocate: empty blocks first, then evict free cached ones in policy order.
         take_empty = min(need, free_uncached)
@@ -362,11 +392,11 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
         if on_call:
             on_call(i, call, hashes, hit)
         cached.update(hashes)
-        # Finish: free the request's blocks, tail of the chain evicted first.
-        for h in reversed(hashes):
-            order.add(h, i)
-        if prompt % block_size:
-            free_uncached += 1  # the partial block holds nothing reusable
+        if in_flight == 1:  # finished before the next call: its blocks are free (and scored) now
+            free_uncached += finish(i, list(dict.fromkeys(hashes)), bool(prompt % block_size), i)
+        else:
+            running.append((i, list(dict.fromkeys(hashes)), bool(prompt % block_size)))
+            running_sessions[call.session] = running_sessions.get(call.session, 0) + 1
         result.prompt_tokens += prompt
         result.hit_tokens += hit_tokens
         result.calls += 1
@@ -385,7 +415,7 @@ def block_uses(calls: Sequence[TraceCall], block_size: int = 32) -> dict[str, li
 
 
 def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, block_size: int = 32,
-                  policy=None) -> SimResult:  # noqa: ANN001
+                  policy=None, in_flight: int = 1) -> SimResult:  # noqa: ANN001
     """The real CacheSage, fed the events a run would produce, its decisions applied through a DecisionBook."""
     from policy_workers.cachesage import CacheSage
 
@@ -396,6 +426,7 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     order = Scored(book, owners.get, lambda: clock["t"])
     previous: dict[str, TraceCall] = {}
     steps: dict[str, int] = {}
+    started: dict[int, int] = {}  # call index -> its step number, while it runs
     evicted: list[str] = []
     remaining: dict[str, int] = {}
     for call in calls:
@@ -419,12 +450,16 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
                                            block_size=block_size))
             for h in hashes:
                 owners[h] = (workload, call.agent)
-        sage.observe(ev.AgentStepEnd(workload=workload, agent=call.agent, session=call.session, step=step,
-                                     time=now + 0.5))
         previous[call.session] = call
+        started[i] = step
+
+    def on_finish(i: int, call: TraceCall) -> None:
+        now = clock["t"] + 0.5
+        sage.observe(ev.AgentStepEnd(workload=workload, agent=call.agent, session=call.session, step=started.pop(i),
+                                     time=now))
         remaining[call.session] -= 1
         if not remaining[call.session]:  # the framework knows when a session is over
-            sage.observe(ev.SessionEnd(workload=workload, agent=call.agent, session=call.session, time=now + 0.5))
+            sage.observe(ev.SessionEnd(workload=workload, agent=call.agent, session=call.session, time=now))
 
     def after_call(i: int, call: TraceCall) -> None:
         now = clock["t"] + 0.6
@@ -435,4 +470,4 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
         order.relevel(touched)
 
     return simulate(calls, capacity_blocks, order, block_size=block_size, name="CacheSage", on_call=on_call,
-                    on_evict=evicted.append, after_call=after_call)
+                    on_evict=evicted.append, after_call=after_call, in_flight=in_flight, on_finish=on_finish)

@@ -79,3 +79,30 @@ def test_steps_to_execution_and_ttl_run_on_a_real_trace(chatdev):
     capacity = int(distinct_blocks(chatdev) * 0.05)
     for result in (simulate(chatdev[:300], capacity, TTLPinned(16)), run_steps_to_execution(chatdev[:300], capacity)):
         assert result.calls == 300 and result.evictions > 0 and 0.0 < result.hit_rate < 1.0
+
+
+def test_requests_in_flight_hold_their_blocks_and_a_session_waits_for_its_previous_call(chatdev):
+    """in_flight > 1: the blocks of running calls are never evicted, and a session never has two calls running."""
+    from framework_emitter.prefix_blocks import block_hashes
+
+    running: dict[int, tuple[str, set[str]]] = {}
+    evicted_while_running: list[str] = []
+
+    def on_call(i, call, hashes, hit):  # noqa: ANN001
+        assert call.session not in {session for session, _ in running.values()}
+        running[i] = (call.session, set(hashes))
+
+    def on_evict(h: str) -> None:
+        if any(h in held for _, held in running.values()):
+            evicted_while_running.append(h)
+
+    capacity = int(distinct_blocks(chatdev) * 0.05) + 400
+    held = simulate(chatdev, capacity, LRU(), in_flight=8, on_call=on_call, on_evict=on_evict,
+                    on_finish=lambda i, call: running.pop(i))
+    assert not evicted_while_running and held.evictions > 0
+    assert max(len(block_hashes(c.segments, 32)) for c in chatdev) < capacity
+    # More in flight at the same capacity leaves less room for the cache: hit rates can only differ,
+    # and Belady still bounds LRU.
+    uses = block_uses(chatdev)
+    assert simulate(chatdev, capacity, Belady(uses), in_flight=8).hit_rate >= held.hit_rate
+    assert simulate(chatdev, capacity, LRU(), in_flight=1).hit_rate != held.hit_rate
