@@ -164,7 +164,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     print(f"policy worker {policy.name}: consumer group {group_id(policy.name, config.topic_prefix)} on {config.bootstrap_servers}",
           flush=True)
     run_worker(policy, config, args.snapshot_url, loglevel="info" if args.verbose else "warning",
-               stats_file=args.stats_file)
+               stats_file=args.stats_file, single=args.single)
     return 0
 
 
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-url", default="sqlite:///agentrt-policy-state.db",
                    help="SQLAlchemy URL for state snapshots (default: %(default)s)")
     p.add_argument("--stats-file", help="write counters and decision latency as JSON here at shutdown")
+    p.add_argument("--single", action="store_true",
+                   help="the policy's only process: no by-workload hop (faster); stops if another process joins")
     p.add_argument("--list", action="store_true", help="list installed policies")
     p.set_defaults(func=cmd_worker)
 

@@ -11,6 +11,9 @@ sessions interleaved. Each phase starts a fresh embedded broker (or uses
 - Policy alone: the same events decoded from bytes and fed to CacheSage in
   batches of 100 in this process (observe, state snapshot, act), no Kafka:
   what the policy costs, apart from the host.
+- Both worker modes, side by side in each repeat: the default (a route
+  stage repartitions events by workload, so processes can be added) and
+  --single (one process, no hop).
 - Latency: the worker is up first; the stream is published at --rate events/s;
   latency = decision sent - Kafka timestamp of the event that triggered it
   (step end, tool call, handoff, blocks removed), measured by the worker.
@@ -45,21 +48,22 @@ def _events(trace: str, n_sessions: int) -> list:
     return list(trace_events(trace, chosen, concurrency=16, kv_block_size=32))
 
 
-def _start_worker(config: StreamsConfig, workdir: Path) -> subprocess.Popen:
+def _start_worker(config: StreamsConfig, workdir: Path, single: bool) -> subprocess.Popen:
     env = {**os.environ, "AGENTRT_BOOTSTRAP_SERVERS": config.bootstrap_servers,
            "AGENTRT_TOPIC_PREFIX": config.topic_prefix, "AGENTRT_PARTITIONS": str(config.partitions)}
     return subprocess.Popen([sys.executable, "-m", "agentrt.cli", "worker", "--policy", "cachesage",
                              "--snapshot-url", f"sqlite:///{workdir / 'state.db'}",
-                             "--stats-file", str(workdir / "stats.json")],
+                             "--stats-file", str(workdir / "stats.json"), *(["--single"] if single else [])],
                             stdout=open(workdir / "worker.log", "ab"), stderr=subprocess.STDOUT, env=env)
 
 
-def _wait_caught_up(config: StreamsConfig, topics: Topics, expected: int, timeout_s: float = 600) -> None:
+def _wait_caught_up(config: StreamsConfig, topics: Topics, expected: int, single: bool,
+                    timeout_s: float = 600) -> None:
     group = group_id("cachesage", config.topic_prefix)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            rows = group_lag(config.bootstrap_servers, group, consumed_topics("cachesage", config.topic_prefix))
+            rows = group_lag(config.bootstrap_servers, group, consumed_topics("cachesage", config.topic_prefix, single))
         except ValueError:  # the worker has not created its by-workload topic yet
             rows = []
         source = [r for r in rows if r.topic in (topics.framework, topics.engine)]
@@ -75,7 +79,7 @@ def _stop(worker: subprocess.Popen, workdir: Path) -> dict:
     return json.loads((workdir / "stats.json").read_text())
 
 
-def _phase(bootstrap: str | None, events: list, rate: float | None) -> dict:
+def _phase(bootstrap: str | None, events: list, rate: float | None, single: bool) -> dict:
     broker = None if bootstrap else EmbeddedBroker().start()
     try:
         config = StreamsConfig(bootstrap or broker.bootstrap, partitions=8,
@@ -88,12 +92,12 @@ def _phase(bootstrap: str | None, events: list, rate: float | None) -> dict:
                 for event in events:
                     producer.publish(event)
                 producer.flush()
-                worker = _start_worker(config, workdir)
+                worker = _start_worker(config, workdir, single)
             else:  # worker first (joined and idle), then paced traffic
-                worker = _start_worker(config, workdir)
+                worker = _start_worker(config, workdir, single)
                 producer.publish(events[0])
                 producer.flush()
-                _wait_caught_up(config, topics, 1)
+                _wait_caught_up(config, topics, 1, single)
                 began = time.perf_counter()
                 for i, event in enumerate(events[1:], start=1):
                     delay = began + i / rate - time.perf_counter()
@@ -102,7 +106,7 @@ def _phase(bootstrap: str | None, events: list, rate: float | None) -> dict:
                     producer.publish(event)
                 producer.flush()
             try:
-                _wait_caught_up(config, topics, len(events))
+                _wait_caught_up(config, topics, len(events), single)
             finally:
                 stats = _stop(worker, workdir)
         return stats
@@ -139,24 +143,33 @@ def main(argv: list[str] | None = None) -> int:
     events = _events(args.trace, args.sessions)
     kv = sum(1 for e in events if e.type_name == "kv_blocks_stored")
     print(f"{args.trace}: first {args.sessions} sessions -> {len(events)} events ({kv} kv_blocks_stored)", flush=True)
-    throughput, p50, p99, state, alone = [], [], [], [], []
+    modes = {"scale-out (by-workload hop)": False, "--single (no hop)": True}
+    throughput = {m: [] for m in modes}
+    p50 = {m: [] for m in modes}
+    p99 = {m: [] for m in modes}
+    state, alone = [], []
     for repeat in range(args.repeats):
         alone.append(_in_process(events))
-        backlog = _phase(args.bootstrap_servers, events, None)
-        eps = backlog["events"] / max(backlog["last_event_at"] - backlog["first_event_at"], 1e-9)
-        paced = _phase(args.bootstrap_servers, events, args.rate)
-        latency = paced["decision_latency"]
-        throughput.append(eps), p50.append(latency["p50_ms"]), p99.append(latency["p99_ms"])
-        state.append(max(paced["learned_bytes"].values()))
-        print(f"repeat {repeat + 1}: policy alone {alone[-1]:,.0f} events/s; worker {eps:,.0f} events/s ({backlog['events']} events, {backlog['batches']} batches, "
-              f"{backlog['decisions']} decisions); at {args.rate:g} events/s decision latency p50 "
-              f"{latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms, max {latency['max_ms']:.1f} ms "
-              f"({latency['n']} decisions); learned state {state[-1]:,} bytes; skipped {paced['skipped']}",
-              flush=True)
+        print(f"repeat {repeat + 1}: policy alone {alone[-1]:,.0f} events/s", flush=True)
+        for mode, single in modes.items():
+            backlog = _phase(args.bootstrap_servers, events, None, single)
+            eps = backlog["events"] / max(backlog["last_event_at"] - backlog["first_event_at"], 1e-9)
+            paced = _phase(args.bootstrap_servers, events, args.rate, single)
+            latency = paced["decision_latency"]
+            throughput[mode].append(eps), p50[mode].append(latency["p50_ms"]), p99[mode].append(latency["p99_ms"])
+            state.append(max(paced["learned_bytes"].values()))
+            print(f"  {mode}: worker {eps:,.0f} events/s ({backlog['events']} events, {backlog['batches']} batches, "
+                  f"{backlog['decisions']} decisions); at {args.rate:g} events/s decision latency p50 "
+                  f"{latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms, max {latency['max_ms']:.1f} ms "
+                  f"({latency['n']} decisions); learned state {state[-1]:,} bytes; skipped {paced['skipped']}",
+                  flush=True)
     print(f"\nevents/s, policy alone (no Kafka): {spread(alone)}")
-    print(f"events/s, one worker: {spread(throughput)}")
-    print(f"decision latency p50 ms at {args.rate:g} events/s: {spread(p50)}")
-    print(f"decision latency p99 ms at {args.rate:g} events/s: {spread(p99)}")
+    for mode in modes:
+        print(f"{mode}: events/s, one worker: {spread(throughput[mode])}")
+        print(f"{mode}: decision latency p50 ms at {args.rate:g} events/s: {spread(p50[mode])}")
+        print(f"{mode}: decision latency p99 ms at {args.rate:g} events/s: {spread(p99[mode])}")
+    ratios = [s / r for s, r in zip(throughput["--single (no hop)"], throughput["scale-out (by-workload hop)"])]
+    print(f"events/s without the hop / with it, per repeat: {spread(ratios)}")
     print(f"learned state bytes per workload: {spread(state)}")
     return 0
 

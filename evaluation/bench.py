@@ -213,30 +213,40 @@ def parameters(size: str) -> int:
     return 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + hidden
 
 
-def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int, run_id: str) -> str:
+def setting(workload: str, calls: int, max_sessions: int, fraction: float, max_prompt_tokens: int,
+            in_flight: int) -> tuple[dict, list, list, int, int, float, int]:
+    """What a bench run replays and at which capacity (the simulator's sweep reuses it):
+    (sessions, order, prompts as the engine gets them, footprint, cache part, working set, capacity)."""
     from framework_emitter.replayer import interleave
     from framework_emitter.traces import read_trace, sessions
+
+    from .simulator import distinct_blocks
+
+    chosen: dict = {}
+    for name, session_calls in sessions(read_trace(workload)).items():  # whole sessions, in file order
+        if len(chosen) >= max_sessions or sum(map(len, chosen.values())) >= calls:
+            break
+        chosen[name] = session_calls
+    order = list(interleave(chosen, 16))
+    # The simulator sees the prompts the engine gets: truncated to the context the engine allows.
+    sim_calls = [c.truncated(max_prompt_tokens) for c in order]
+    footprint = distinct_blocks(sim_calls)
+    # The cache part in the pressure band, plus the blocks the requests in flight hold (their working set).
+    cache_part = int(footprint * fraction)
+    batch = _working_set(sim_calls, in_flight)
+    longest = max(c.prompt_tokens for c in sim_calls) // 32 + 2
+    return chosen, order, sim_calls, footprint, cache_part, batch, max(cache_part + int(batch), longest)
+
+
+def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int, run_id: str) -> str:
     from policy_workers.cachesage import CacheSage
 
     from .engine_replay import Arm, OracleArm, PolicyArm, replay
-    from .simulator import LRU, Belady, block_uses, distinct_blocks, run_cachesage, simulate
+    from .simulator import LRU, Belady, block_uses, run_cachesage, simulate
 
-    chosen: dict = {}
-    for name, calls in sessions(read_trace(workload)).items():  # whole sessions, in file order
-        if len(chosen) >= args.sessions or sum(map(len, chosen.values())) >= (args.calls or CALLS[workload]):
-            break
-        chosen[name] = calls
-    order = list(interleave(chosen, 16))
-    # The simulator sees the prompts the engine gets: truncated to the context the engine allows.
-    sim_calls = [c.truncated(args.max_prompt_tokens) for c in order]
-    footprint = distinct_blocks(sim_calls)
     fraction = args.fraction if args.fraction is not None else PRESSURE[workload]
-    # The cache part in the pressure band, plus the blocks the requests in flight hold (their working set):
-    # the simulator, one call at a time, models the cache part.
-    cache_part = int(footprint * fraction)
-    batch = _working_set(sim_calls, args.max_in_flight)
-    longest = max(c.prompt_tokens for c in sim_calls) // 32 + 2
-    capacity = max(cache_part + int(batch), longest)
+    chosen, order, sim_calls, footprint, cache_part, batch, capacity = setting(
+        workload, args.calls or CALLS[workload], args.sessions, fraction, args.max_prompt_tokens, args.max_in_flight)
     setup = {"sessions": len(chosen), "calls": len(order), "footprint_blocks": footprint, "capacity_blocks": capacity,
              "cache_part_blocks": cache_part,
              "fraction": fraction, "model_size": args.model_size, "max_prompt_tokens": args.max_prompt_tokens,

@@ -28,7 +28,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.05, 0.10])
+    parser.add_argument("--engine-setting", action="store_true",
+                        help="the bench's calls and capacity, one call at a time and --in-flight at a time")
+    parser.add_argument("--in-flight", type=int, default=8)
+    parser.add_argument("--capacity", nargs="+", default=[], metavar="WORKLOAD=BLOCKS",
+                        help="with --engine-setting: a capacity other than the bench's rule")
     args = parser.parse_args(argv)
+    if args.engine_setting:
+        return engine_setting(args.workloads, args.in_flight, dict(c.split("=") for c in args.capacity))
     print("| workload | capacity (blocks) | LRU | TTL pin (Continuum-like) | steps-to-execution (KVFlow-like) | "
           "CacheSage | Belady | ceiling | CacheSage share of the LRU→Belady gap |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -48,6 +55,26 @@ def main(argv: list[str] | None = None) -> int:
             share = f"{(sage - lru) / gap:+.0%}" if gap > 0.005 else "n/a (gap < 0.5 pp)"
             print(f"| {workload} | {fraction:.0%} ({capacity:,}) | {lru:.3f} | {ttl:.3f} | {steps:.3f} | {sage:.3f} | "
                   f"{belady:.3f} | {ceiling:.3f} | {share} |", flush=True)
+    return 0
+
+
+def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, str]) -> int:
+    """LRU, CacheSage and Belady on exactly what evaluation.bench replays, serial and with requests in flight."""
+    from .bench import CALLS, PRESSURE, setting
+
+    print(f"| workload | capacity (blocks) | in flight | LRU | CacheSage | Belady | CacheSage share of the gap |")
+    print("|---|---|---|---|---|---|---|")
+    for workload in workloads:
+        *_, sim_calls, _, _, _, capacity = setting(workload, CALLS[workload], 10_000, PRESSURE[workload], 4032, in_flight)
+        capacity = int(capacities.get(workload, capacity))
+        uses = block_uses(sim_calls)
+        for k in (1, in_flight):
+            lru = simulate(sim_calls, capacity, LRU(), in_flight=k).hit_rate
+            sage = run_cachesage(sim_calls, capacity, workload, in_flight=k).hit_rate
+            belady = simulate(sim_calls, capacity, Belady(uses), in_flight=k).hit_rate
+            gap = belady - lru
+            share = f"{(sage - lru) / gap:+.0%}" if gap > 0.005 else "n/a (gap < 0.5 pp)"
+            print(f"| {workload} | {capacity:,} | {k} | {lru:.3f} | {sage:.3f} | {belady:.3f} | {share} |", flush=True)
     return 0
 
 

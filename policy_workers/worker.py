@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -121,10 +122,10 @@ def by_workload_topic(policy_name: str, topic_prefix: str = "agentrt") -> str:
     return f"{group_id(policy_name, topic_prefix)}-by-workload"
 
 
-def consumed_topics(policy_name: str, topic_prefix: str = "agentrt") -> list[str]:
+def consumed_topics(policy_name: str, topic_prefix: str = "agentrt", single: bool = False) -> list[str]:
     """Every topic the policy's group reads: its lag over these says whether it is caught up."""
     topics = Topics.for_prefix(topic_prefix)
-    return [topics.framework, topics.engine, by_workload_topic(policy_name, topic_prefix)]
+    return [topics.framework, topics.engine] + ([] if single else [by_workload_topic(policy_name, topic_prefix)])
 
 
 def workload_partition(workload: str, partitions: int) -> int:
@@ -153,7 +154,7 @@ def ensure_worker_topic(config: StreamsConfig, name: str, partitions: int = 1, c
 
 def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = None, *,
               act_interval_s: float = 1.0, batch_max: int = 500, batch_within_s: float = 0.01,
-              stats_file: str | None = None) -> faust.App:
+              stats_file: str | None = None, single: bool = False, min_act_interval_s: float = 0.05) -> faust.App:
     """The faust app hosting ``policy`` (not started).
 
     Events are handled in batches (up to ``batch_max``, or what arrived within
@@ -162,6 +163,15 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
     triggering event, and only then ack the batch. Committed offsets never run
     ahead of the saved state, so a killed worker resumes exactly where its
     state stops (a replayed duplicate step is recognised and skipped).
+
+    A workload is acted on at most every ``min_act_interval_s``: under load
+    batches come every few milliseconds, and one act per batch spent most of
+    the worker's time re-scoring nearly the same cache; a triggered act that
+    is too early waits for the next batch or the next short tick.
+
+    ``single``: this process is the policy's only one; it reads the source
+    topics directly, without the by-workload hop, and stops with an error if
+    another process joins its group.
     """
     faust_tuning.install()
     topics = Topics.for_prefix(config.topic_prefix)
@@ -181,7 +191,8 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
     source = app.topic(topics.framework, topics.engine, key_serializer="raw", value_serializer="raw",
                        partitions=config.partitions)
     by_workload_name = by_workload_topic(policy.name, config.topic_prefix)
-    ensure_worker_topic(config, by_workload_name, config.partitions, compact=False)
+    if not single:
+        ensure_worker_topic(config, by_workload_name, config.partitions, compact=False)
     by_workload = app.topic(by_workload_name, key_serializer="raw", value_serializer="raw",
                             partitions=config.partitions)
     decisions = app.topic(topics.decisions, key_serializer="raw", value_serializer="raw",
@@ -204,7 +215,8 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
     app.agentrt_policy = policy  # type: ignore[attr-defined]
 
     def partition_of(workload: str) -> int:
-        return workload_partition(workload, config.partitions)
+        # single: every workload in one slot, owned while this process holds every source partition.
+        return 0 if single else workload_partition(workload, config.partitions)
 
     def read_changelog() -> dict[str, Any]:
         # To its true end: readers stopping at the offset ListOffsets reports miss the tail
@@ -219,7 +231,19 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
         # gained is loaded from the changelog before its first event or act; faust may deliver
         # that event before this signal, hence the check per event rather than here.
         owned.clear()
-        owned.update(tp.partition for tp in assigned if tp.topic == by_workload_name)
+        if single:
+            sources = (topics.framework, topics.engine)
+            held = {(tp.topic, tp.partition) for tp in assigned if tp.topic in sources}
+            everything = {(t, p) for t in sources for p in range(config.partitions)}
+            if held and held != everything:
+                message = (f"a --single worker shares its group {app.conf.id} with another process: workloads "
+                           "would be split across processes; stopping. Scale out without --single.")
+                log.error(message)
+                raise RuntimeError(message)  # faust crashes the app: the worker exits
+            if held:
+                owned.add(0)
+        else:
+            owned.update(tp.partition for tp in assigned if tp.topic == by_workload_name)
         loaded.intersection_update(owned)
         changelog_read.clear()
         lost = [w for w in policy.workloads() if partition_of(w) not in loaded]
@@ -259,13 +283,23 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
         counters.act_s += acted - began
         counters.send_s += time.perf_counter() - acted
 
+    last_act: dict[str, float] = {}
+    pending: dict[str, float] = {}  # workload -> Kafka timestamp of the trigger it has not acted on yet
+
+    async def act_when_due() -> None:
+        now = time.monotonic()
+        for workload, at in list(pending.items()):
+            if now - last_act.get(workload, -math.inf) >= min_act_interval_s:
+                del pending[workload]
+                last_act[workload] = now
+                await publish_decisions(workload, at or None)
+
     async def dead_letter(event_msg: Any, reason: str) -> None:
         message = event_msg.message
         counters.dead_letters += 1
         headers = dead_letter_headers(message.headers, reason, message.topic, message.partition, message.offset)
         await dead_letters.send(key=event_msg.key, value=event_msg.value, headers=headers)
 
-    @app.agent(source)
     async def route(stream):  # noqa: ANN001 - faust's stream type
         # The message goes on unchanged (agent key, headers, Kafka timestamp for the latency
         # figure); only its partition changes, to its workload's.
@@ -282,7 +316,6 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
                                       partition=workload_partition(workload, config.partitions),
                                       timestamp=message.timestamp)
 
-    @app.agent(by_workload)
     async def feed(stream):  # noqa: ANN001 - faust's stream type
         async for batch in stream.take_events(batch_max, within=batch_within_s):
             counters.batches += 1
@@ -292,8 +325,9 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
             triggered: dict[str, float] = {}  # workload -> Kafka timestamp of its latest triggering event
             for event_msg in batch:
                 message = event_msg.message
-                if message.partition not in loaded:
-                    await load_partition(message.partition)
+                slot = 0 if single else message.partition
+                if slot not in loaded:
+                    await load_partition(slot)
                 try:
                     event = decode(event_msg.key, event_msg.value)
                     policy.observe(event)
@@ -314,8 +348,15 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
             counters.observe_s += observed - began
             counters.save_s += time.perf_counter() - observed
             for workload, at in triggered.items():
-                await publish_decisions(workload, at or None)
+                pending.setdefault(workload, at)
+            await act_when_due()
             counters.last_event_at = time.time()
+
+    if single:  # one process owns every workload: no repartition hop
+        app.agent(source, name="feed")(feed)
+    else:
+        app.agent(source, name="route")(route)
+        app.agent(by_workload, name="feed")(feed)
 
     @app.timer(interval=act_interval_s)
     async def tick() -> None:
@@ -323,7 +364,11 @@ def build_app(policy: Policy, config: StreamsConfig, snapshot_url: str | None = 
             await load_partition(partition)
         for workload in policy.workloads():
             if partition_of(workload) in loaded:
-                await publish_decisions(workload)
+                last_act[workload] = time.monotonic()
+                await publish_decisions(workload, pending.pop(workload, None))
+
+    if min_act_interval_s > 0:
+        app.timer(interval=min_act_interval_s, name="act_when_due")(act_when_due)
 
     @app.timer(interval=30.0)
     async def snapshot() -> None:

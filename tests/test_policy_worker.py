@@ -23,13 +23,14 @@ from streams.serde import decode
 PLUGIN_DIR = Path(__file__).parent / "plugin"
 
 
-def _worker(config, policy: str, snapshot: Path, log: Path, extra_path: Path | None = None) -> subprocess.Popen:
+def _worker(config, policy: str, snapshot: Path, log: Path, extra_path: Path | None = None,
+            single: bool = False) -> subprocess.Popen:
     env = {**os.environ, "AGENTRT_BOOTSTRAP_SERVERS": config.bootstrap_servers,
            "AGENTRT_TOPIC_PREFIX": config.topic_prefix, "AGENTRT_PARTITIONS": str(config.partitions)}
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
     return subprocess.Popen([sys.executable, "-m", "agentrt.cli", "worker", "--policy", policy,
-                             "--snapshot-url", f"sqlite:///{snapshot}"],
+                             "--snapshot-url", f"sqlite:///{snapshot}", *(["--single"] if single else [])],
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
 
 
@@ -237,3 +238,26 @@ def test_two_worker_processes_split_the_workloads_and_one_takes_over_when_the_ot
     # Every transition of every workload, the ones learned by a included, is in b's final state.
     assert _logged_state(logs[1], "saved") == expected, (logs[0].read_text()[-1500:], logs[1].read_text()[-2500:])
     assert "handed over workloads" not in logs[1].read_text()  # b only ever gained
+
+
+def test_a_single_worker_reads_the_sources_directly_and_refuses_to_share_its_group(config, topics, tmp_path):
+    first = _worker(config, "cachesage", tmp_path / "a.db", tmp_path / "a.log", single=True)
+    try:
+        _publish_trace(config, topics, _trace_sessions(2))
+        got = _decisions(config, topics, lambda got: any(isinstance(d, ev.EvictionScore) for _, d in got))
+        assert got, (tmp_path / "a.log").read_text()[-2000:]
+        second = _worker(config, "cachesage", tmp_path / "b.db", tmp_path / "b.log", single=True)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and first.poll() is None and second.poll() is None:
+                time.sleep(0.5)
+        finally:
+            _stop(second)
+    finally:
+        _stop(first)
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    assert "shares its group" in logs and "stopping" in logs, logs[-3000:]
+    from streams.admin import admin_client, list_topics
+
+    assert first.returncode != 0 or second.returncode != 0  # a process that saw another join crashed out
+    assert f"{config.topic_prefix}-policy-cachesage-by-workload" not in list_topics(admin_client(config.bootstrap_servers))
