@@ -375,7 +375,8 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
         for h in hashes:  # every cached block of the prompt is in use now: out of the free queue
             if h in order:
                 order.remove(h)
-        for h in set(hashes):
+        unique = list(dict.fromkeys(hashes))
+        for h in unique:
             users[h] = users.get(h, 0) + 1
         need = sum(h not in cached for h in hashes) + (1 if prompt % block_size else 0)
         # Allocate: empty blocks first, then evict free cached ones in policy order.
@@ -393,9 +394,9 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
             on_call(i, call, hashes, hit)
         cached.update(hashes)
         if in_flight == 1:  # finished before the next call: its blocks are free (and scored) now
-            free_uncached += finish(i, list(dict.fromkeys(hashes)), bool(prompt % block_size), i)
+            free_uncached += finish(i, unique, bool(prompt % block_size), i)
         else:
-            running.append((i, list(dict.fromkeys(hashes)), bool(prompt % block_size)))
+            running.append((i, unique, bool(prompt % block_size)))
             running_sessions[call.session] = running_sessions.get(call.session, 0) + 1
         result.prompt_tokens += prompt
         result.hit_tokens += hit_tokens

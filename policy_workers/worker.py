@@ -31,6 +31,7 @@ policy cannot use are counted by the policy.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -128,6 +129,7 @@ def consumed_topics(policy_name: str, topic_prefix: str = "agentrt", single: boo
     return [topics.framework, topics.engine] + ([] if single else [by_workload_topic(policy_name, topic_prefix)])
 
 
+@functools.lru_cache(maxsize=65536)  # route asks once per event; workloads are few, murmur2 is pure Python
 def workload_partition(workload: str, partitions: int) -> int:
     """The ``-by-workload`` partition that carries every event of ``workload``."""
     return partition_for(workload.encode(), partitions)

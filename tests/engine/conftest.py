@@ -18,18 +18,30 @@ PREFIX_TOKENS = 256  # 8 blocks
 SUFFIX_TOKENS = 20
 
 
+def running_broker(tmp_path_factory, name: str):
+    """An embedded broker for a fixture to yield from (stopped when the fixture ends)."""
+    broker = EmbeddedBroker(log_path=tmp_path_factory.mktemp(name) / "tansu.log").start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def config_with_topics(broker: EmbeddedBroker, prefix: str) -> StreamsConfig:
+    """Streams config on ``broker`` under a fresh topic prefix, its topics created."""
+    config = StreamsConfig(broker.bootstrap, partitions=4, topic_prefix=f"{prefix}{uuid.uuid4().hex[:6]}")
+    ensure_topics(admin_client(config.bootstrap_servers), config, Topics.for_prefix(config.topic_prefix))
+    return config
+
+
 @pytest.fixture(scope="session")
 def engine_broker(tmp_path_factory):
-    broker = EmbeddedBroker(log_path=tmp_path_factory.mktemp("engine-broker") / "tansu.log").start()
-    yield broker
-    broker.stop()
+    yield from running_broker(tmp_path_factory, "engine-broker")
 
 
 @pytest.fixture(scope="session")
 def engine_config(engine_broker) -> StreamsConfig:
-    config = StreamsConfig(engine_broker.bootstrap, partitions=4, topic_prefix=f"eng{uuid.uuid4().hex[:6]}")
-    ensure_topics(admin_client(config.bootstrap_servers), config, Topics.for_prefix(config.topic_prefix))
-    return config
+    return config_with_topics(engine_broker, "eng")
 
 
 @pytest.fixture(scope="session")

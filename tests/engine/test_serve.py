@@ -22,13 +22,12 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from streams import events as ev
-from streams.admin import admin_client
-from streams.broker import EmbeddedBroker, free_port
-from streams.config import StreamsConfig
+from streams.broker import free_port
 from streams.producer import EventProducer
 from streams.serde import decode
-from streams.topics import Topics, ensure_topics
-from tests.engine.conftest import BLOCK_SIZE, NUM_BLOCKS, PREFIX_TOKENS, SUFFIX_TOKENS, wait_for
+from streams.topics import Topics
+from tests.engine.conftest import (BLOCK_SIZE, NUM_BLOCKS, PREFIX_TOKENS, SUFFIX_TOKENS, config_with_topics,
+                                   running_broker, wait_for)
 from tests.engine.test_engine import WORKERS, _prompt
 
 WORKLOAD = "served"
@@ -48,9 +47,7 @@ def serve_command(model: str, port: int) -> list[str]:
 @pytest.fixture(scope="module")
 def served_broker(tmp_path_factory):
     # Its own: test_engine.py stops the session's engine broker in its last test.
-    broker = EmbeddedBroker(log_path=tmp_path_factory.mktemp("served-broker") / "tansu.log").start()
-    yield broker
-    broker.stop()
+    yield from running_broker(tmp_path_factory, "served-broker")
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +55,7 @@ def served(served_broker, tmp_path_factory):
     """(base url, metrics url, streams config, model path) of a running server with the integration on."""
     from engine_emitter.tiny_model import make_random_llama
 
-    config = StreamsConfig(served_broker.bootstrap, partitions=4, topic_prefix=f"srv{uuid.uuid4().hex[:6]}")
-    ensure_topics(admin_client(config.bootstrap_servers), config, Topics.for_prefix(config.topic_prefix))
+    config = config_with_topics(served_broker, "srv")
     model = make_random_llama(tmp_path_factory.mktemp("served-model"), "tiny")
     port, metrics_port = free_port(), free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "AGENTRT_BOOTSTRAP_SERVERS": config.bootstrap_servers,
