@@ -416,8 +416,10 @@ def block_uses(calls: Sequence[TraceCall], block_size: int = 32) -> dict[str, li
 
 
 def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, block_size: int = 32,
-                  policy=None, in_flight: int = 1) -> SimResult:  # noqa: ANN001
-    """The real CacheSage, fed the events a run would produce, its decisions applied through a DecisionBook."""
+                  policy=None, in_flight: int = 1, observe_sim=None) -> SimResult:  # noqa: ANN001
+    """The real CacheSage, fed the events a run would produce, its decisions applied through a DecisionBook.
+
+    ``observe_sim``: an optional (on_call, on_evict) pair that also sees the simulation (analysis)."""
     from policy_workers.cachesage import CacheSage
 
     sage = policy or CacheSage()
@@ -470,5 +472,18 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
                 touched.extend(decision.block_hashes)
         order.relevel(touched)
 
+    on_evict = evicted.append
+    if observe_sim is not None:
+        extra_call, extra_evict = observe_sim
+        policy_call = on_call
+
+        def on_call(i: int, call: TraceCall, hashes: list[str], hit: int) -> None:  # noqa: F811
+            extra_call(i, call, hashes, hit)
+            policy_call(i, call, hashes, hit)
+
+        def on_evict(h: str) -> None:
+            evicted.append(h)
+            extra_evict(h)
+
     return simulate(calls, capacity_blocks, order, block_size=block_size, name="CacheSage", on_call=on_call,
-                    on_evict=evicted.append, after_call=after_call, in_flight=in_flight, on_finish=on_finish)
+                    on_evict=on_evict, after_call=after_call, in_flight=in_flight, on_finish=on_finish)
