@@ -1,28 +1,29 @@
-"""CacheSage: survival-based KV eviction, pinning and prefetch from learned agent transitions.
+"""CacheSage: hit-density KV eviction, pinning and prefetch from learned agent transitions.
 
 Per workload it learns the agent transition matrix online (decayed counts, a
-prior) and per-agent timing (step duration, the gap before a call, call rate).
-For every cached prefix block it knows who used it: (agent, session) pairs from
-the engine's KV events. A block's value is the probability that any of them
-reuses it within the horizon ("survival score"):
+prior), per-agent timing (step duration, the gap before a call) and each
+session's call interval. For every cached prefix block it knows who used it:
+(agent, session) pairs from the engine's KV events, and how many prompts ago
+each last had it. A block's score is its hit density, the expected reuses per
+unit of time it is kept (see ``CacheSage._group_scorer``):
 
-    p(block) = 1 - prod over users (agent a, active session s) of (1 - P_s(a within k steps) * K_a(pos))
-                 * prod over agents a of a cross-session block (1 - (1 - exp(-rate_a * horizon)))
+    density(block) = sum over users (agent a, session s) of
+                         sum_j P(a's j-th next prompt in s is the first to reuse it) * E[1 / T_j]
+                     + the rate at which other sessions have reused it (blocks seen in 2+ sessions)
 
-where P_s comes from hitting probabilities of the transition chain from the
-session's current agent, k is the number of calls that fit in the horizon,
-K_a(pos) is the learned probability that agent a's next prompt keeps the block
-at chain position ``pos`` of its previous one (a new phase keeps the system
-prompt but not the conversation), and the second product applies to blocks
-already seen in two or more sessions (system prompts, tool schemas): new
-sessions reuse those at the agent's call rate. A block shared by several agents
-or sessions is worth all of its expected reuses; one used only by an ended
-session is worth nothing.
+where T_j is when that prompt comes: the time left before s calls again
+(with many sessions sharing the engine, the one that has waited longest runs
+next), then the number of calls until a runs (its distribution from the
+transition chain) at the session's call interval; and the reuse probabilities
+come from a learned hazard by prompt age (agents alternate prompt families: a
+new phase keeps the system prompt but not the conversation, and a family often
+comes back a call later). A block shared by several agents or sessions is worth
+all of its expected reuses; one used only by an ended session is worth nothing.
 
 Acts: eviction scores (bucketed, only when a block's bucket changes),
-pins with a TTL for the predicted next agent's resident prefix while its
-session waits (tool call, between steps), and prefetch of that prefix when it
-is no longer resident.
+pins with a TTL for the predicted next agent's resident prefix while its session
+waits (tool call, between steps), and prefetch of that prefix when it is no
+longer resident.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class CacheSageConfig:
     prior_strength: float = 0.5
     rate_window_s: float = 300.0  # time constant of the per-agent call-rate estimate
     default_step_s: float = 5.0  # assumed call-to-call time before any timing is learned
+    min_residual: float = 0.25  # the least time left before a session's next call, in call intervals
 
 
 @dataclass
@@ -85,6 +87,7 @@ class _Session:
     in_tool: bool = False
     handoff_to: str | None = None
     acted_step: tuple[int | None, str] | None = None  # (step, agent) last pinned/prefetched for
+    interval: float = 0.0  # EWMA of the time from one of its calls' start to the next's
     ended: bool = False  # kept until idle expiry so re-read events are recognised as duplicates
 
     @property
@@ -252,10 +255,13 @@ class _Workload:
         self.emitted: dict[tuple, tuple[int, float]] = {}  # group key -> (bucket, when) last decided
         self.dirty: set[tuple] = set()  # groups that gained blocks since their last decision
         self.removals = (0.0, 0.0)  # decayed count of evicted blocks, when last updated (turnover)
+        self.watched_since: float | None = None  # the first event's time: how long the rate has been measured
         self.born: dict[tuple, float] = {}  # group key -> when its oldest member was first stored
-        self.soon_cache: dict[tuple, tuple[int, dict[str, float]]] = {}
+        # (handoff, current agent) -> ((model version, steps), (agent -> column, P(first call at t)))
+        self.pmf_cache: dict[tuple, tuple] = {}
         self.events_since_act = 0
         self.last_act = -math.inf
+        self.interval = 0.0  # EWMA over sessions of call start to the session's next call start
 
     def ungroup(self, block_hash: str, block: "_Block") -> None:
         key = block.key
@@ -291,14 +297,6 @@ class _Workload:
         return self.model.nbytes() + self.timing.nbytes(n) + self.reuse.nbytes(n)
 
 
-def _delay_score(value: float, shortest: float = 1 / 32, longest: float = 32.0) -> float:
-    """A value E[exp(-T / tau)] as a score uniform in log T: 1 at T <= ``shortest`` turnovers, 0 at ``longest``."""
-    if value <= 1e-12:
-        return 0.0
-    delay = max(-math.log(min(value, 1.0)), shortest)  # T / tau
-    return min(max(1.0 - math.log(delay / shortest) / math.log(longest / shortest), 0.0), 1.0)
-
-
 class CacheSage(Policy):
     name = "cachesage"
 
@@ -329,6 +327,8 @@ class CacheSage(Policy):
             return
         w = self.workload(event.workload)
         w.events_since_act += 1
+        if w.watched_since is None or event.time < w.watched_since:
+            w.watched_since = event.time
         handler(self, w, event)
 
     def _session(self, w: _Workload, event: ev.Event) -> _Session:
@@ -374,6 +374,10 @@ class CacheSage(Policy):
             w.model.observe(before.agent, event.agent)
         if before is not None and before.ended is not None:
             w.timing.update(GAP_S, i, max(event.time - before.ended, 0.0))
+        if before is not None and step > session.latest:
+            gap = max(event.time - before.started, 0.0)
+            session.interval = gap if not session.interval else 0.7 * session.interval + 0.3 * gap
+            w.interval = gap if not w.interval else 0.95 * w.interval + 0.05 * gap
         if after is not None and not after.learned_in:
             w.model.observe(event.agent, after.agent)
         if step > session.latest:
@@ -553,45 +557,20 @@ class CacheSage(Policy):
     def _turnover_s(self, w: _Workload, now: float) -> float:
         """How long a block lasts in the cache now: resident blocks / eviction rate (KV events).
 
-        Reuse only counts if it comes before the cache would have dropped the
-        block anyway, so this is the time scale every score is measured on.
+        Scores are reported on this scale (delays from 1/32 to 32 turnovers).
         Without evictions (no pressure) order does not matter: the configured
         horizon stands in.
         """
         count, at = w.removals
-        rate = count * math.exp(-max(now - at, 0.0) / self.config.rate_window_s) / self.config.rate_window_s
+        window = self.config.rate_window_s
+        # The decayed count covers only the time watched so far: divide by that, not the whole window.
+        since = now if w.watched_since is None else w.watched_since
+        watched = window * -math.expm1(-max(now - since, 0.0) / window)
+        rate = count * math.exp(-max(now - at, 0.0) / window) / max(watched, 1e-9)
         resident = sum(len(members) for members in w.groups.values())
         if rate <= 0 or resident == 0:
             return self.config.horizon_s
         return min(max(resident / rate, 1.0), self.config.max_turnover_s)
-
-    def _session_soon(self, w: _Workload, session: _Session, discount: float, steps: int) -> dict[str, float]:
-        """E[discount ** (calls until each agent is next called)] in one session.
-
-        Cached until the model changes (and per 0.001 of discount): sessions
-        share their current agents, and acts come more often than transitions.
-        """
-        agent = session.handoff_to or session.agent
-        if agent is None:
-            return {}
-        key = (bool(session.handoff_to), agent, round(discount, 3), steps)
-        found = w.soon_cache.get(key)
-        if found is not None and found[0] == w.model.version:
-            return found[1]
-        if session.handoff_to:  # the framework said who is next
-            later = w.model.discounted_hitting(agent, discount, steps)
-            value = {a: discount * v for a, v in later.items()}
-            value[agent] = discount
-        else:
-            value = w.model.discounted_hitting(agent, discount, steps)
-        if len(w.soon_cache) > 4096:
-            w.soon_cache.clear()
-        w.soon_cache[key] = (w.model.version, value)
-        return value
-
-    def _soon_by_session(self, w: _Workload, now: float, discount: float, steps: int) -> dict[str, dict[str, float]]:
-        self._expire_sessions(w, now)
-        return {s: self._session_soon(w, st, discount, steps) for s, st in w.sessions.items() if not st.ended}
 
     def _next_agent(self, w: _Workload, session: _Session) -> tuple[str, float] | None:
         if session.handoff_to:
@@ -624,67 +603,141 @@ class CacheSage(Policy):
     # --- score --------------------------------------------------------------------
 
     def _group_scorer(self, w: _Workload, now: float):
-        """A function: group key -> score in [0, 1], memoised for one ``now``; higher = reused sooner.
+        """A function: group key -> score in [0, 1], memoised for one ``now``; higher = more hits per block-second.
 
-        For each user (agent a, session s) of a block of age r at chain
-        position bin p, the value of keeping it is E[exp(-T / tau)], T the time
-        until a reuses it and tau the cache's turnover time:
+        A block's score is its hit density: expected reuses per unit of time it
+        is kept (as LHD ranks objects; Belady's order is the special case of
+        certain reuse, where density = 1 / time to next use). Each user
+        (agent a, session s) of a block at age r and chain position bin p adds
 
-            E[g ** K] (K: calls until a next runs in s, from the chain; g = exp(-cycle / tau))
-            * sum_j P(a's j-th next prompt is the first to reuse it) * g ** ((j - 1) / share_a)
+            sum_j P(a's j-th next prompt is the first to reuse it) * E[1 / T_j]
+            T_j = residual_s + (K - 1) * interval_s + j * spacing_a * interval_s
 
-        the second factor from the learned reuse hazard by age. A block seen in
-        several sessions is also reused by other sessions' calls of a at a's
-        call rate lambda: E[exp(-T / tau)] = lambda / (lambda + 1 / tau). The
-        block's value combines its users as independent chances, and the score
-        is that value turned back into an expected delay T = -tau ln(value) on
-        a log scale (as Belady's order is one of next-use times).
+        K the number of calls until a next runs in s (its distribution from the
+        learned chain; a framework handoff fixes the next agent), residual_s the
+        time left before s makes its next call (its learned call interval minus
+        the time since its latest call started: with many sessions sharing the
+        engine, the session that has waited longest runs next), spacing_a the
+        calls between a's calls, and the reuse probabilities from the learned
+        hazard by age. A block seen in several sessions adds the rate other
+        sessions have reused it so far. The score is the delay 1 / density on a
+        log scale, 1/32 to 32 turnovers over the 20 buckets: the scale only sets
+        the range, the order is the density's.
         """
         cfg = self.config
         tau = self._turnover_s(w, now)
         cycle = self._mean_cycle_s(w)
-        discount = math.exp(-cycle / tau)
-        steps = max(1, min(cfg.max_lookahead_calls, math.ceil(4 * tau / cycle)))
-        soon = self._soon_by_session(w, now, discount, steps)
+        steps = cfg.max_lookahead_calls
+        self._expire_sessions(w, now)
         visits = w.model.visits[: len(w.model)]
         share = visits / visits.sum() if len(visits) and visits.sum() > 0 else visits
-        later: dict[tuple, float] = {}  # (agent index, age, position bin) -> reuse factor
-        factors: dict[tuple, float] = {}  # (user, age, shared, position bin) -> 1 - value of this user
+        later_calls = np.arange(steps, dtype=float)
+        later_prompts = np.arange(AGES, dtype=float)
+        inverse: dict[tuple[str, str], np.ndarray | None] = {}
+        reuse: dict[tuple, list[float]] = {}
+        pmfs: dict[tuple, tuple[dict[str, int], np.ndarray]] = {}
+        timing: dict[str, tuple[float, float]] = {}
+        factors: dict[tuple, float] = {}
         by_key: dict[tuple, float] = {}
 
-        def reuse_factor(i: int | None, age: int, pbin: int) -> float:
-            key = (i, age, pbin)
-            found = later.get(key)
+        def pmf_of(session: _Session) -> tuple[dict[str, int], np.ndarray] | None:
+            agent = session.handoff_to or session.agent
+            if agent is None:
+                return None
+            key = (bool(session.handoff_to), agent)
+            found = pmfs.get(key)
             if found is None:
-                spacing = 1.0 / max(float(share[i]), 1e-3) if i is not None and i < len(share) else 1.0
-                total, not_yet = 0.0, 1.0
+                cached = w.pmf_cache.get(key)
+                if cached is not None and cached[0] == (w.model.version, steps):
+                    found = cached[1]
+                else:
+                    if session.handoff_to:  # the framework said who is next: it is call 1
+                        names, later = w.model.first_call_pmf(agent, steps - 1)
+                        table = np.zeros((steps, len(names) + 1))
+                        if len(names):
+                            table[1:, : len(names)] = later
+                        names = [*names, agent]  # it may come back later too: its first call is call 1
+                        table[:, -1] = 0.0
+                        table[0, -1] = 1.0
+                    else:
+                        names, table = w.model.first_call_pmf(agent, steps)
+                    found = ({n: j for j, n in enumerate(names)}, table)
+                    if len(w.pmf_cache) > 4096:
+                        w.pmf_cache.clear()
+                    w.pmf_cache[key] = ((w.model.version, steps), found)
+                pmfs[key] = found
+            return found
+
+        def session_timing(name: str, session: _Session) -> tuple[float, float]:
+            found = timing.get(name)
+            if found is None:
+                interval = session.interval or w.interval or cycle
+                current = session.steps.get(session.latest)
+                elapsed = now - current.started if current is not None else 0.0
+                # Sessions do not wait exactly their mean interval: one overdue is soon, not certain.
+                residual = max(interval - max(elapsed, 0.0), cfg.min_residual * interval)
+                found = timing[name] = (residual, interval)
+            return found
+
+        def inverse_times(user: tuple[str, str]) -> np.ndarray | None:
+            """E[1 / T_j] for j = 0..AGES-1: when the agent's j-th next prompt in the session comes."""
+            if user in inverse:
+                return inverse[user]
+            agent, name = user
+            session = w.sessions.get(name)
+            table = pmf_of(session) if session is not None and not session.ended else None
+            column = table[0].get(agent) if table is not None else None
+            if column is None:
+                inverse[user] = None
+                return None
+            residual, interval = session_timing(name, session)
+            i = w.model.index.get(agent)
+            spacing = 1.0 / max(float(share[i]), 1e-3) if i is not None and i < len(share) else 1.0
+            first = residual + later_calls * interval  # when each of the session's next calls starts
+            found = inverse[user] = (1.0 / (first[None, :] + later_prompts[:, None] * (spacing * interval))
+                                     ) @ table[1][:, column]
+            return found
+
+        def first_reuse(i: int | None, age: int, pbin: int) -> list[float]:
+            """P(the agent's j-th next prompt is the first to reuse a block of this age and class), j = 0.."""
+            key = (i, age, pbin)
+            found = reuse.get(key)
+            if found is None:
+                found, not_yet = [], 1.0
                 for j in range(max(AGES - age, 0)):
                     h = w.reuse.hazard(age + j, i, pbin)
-                    total += not_yet * h * discount ** (j * spacing)
+                    found.append(not_yet * h)
                     not_yet *= 1.0 - h
-                found = later[key] = total
+                reuse[key] = found
             return found
+
+        def user_density(user: tuple[str, str], age: int, pbin: int) -> float:
+            times = inverse_times(user)
+            if times is None:
+                return 0.0
+            return sum(p * t for p, t in zip(first_reuse(w.model.index.get(user[0]), age, pbin), times))
 
         def key_score(key: tuple, born: float) -> float:
             found = by_key.get((key, born))
             if found is not None:
                 return found
             *ages, sessions, pbin = key
-            keep = 1.0  # P(no user reuses it before it would be evicted), roughly
+            density = 0.0  # expected hits per unit of time the block is kept
             for age, users in enumerate(ages):
                 for user in users:
                     f = factors.get((user, age, pbin))
                     if f is None:
-                        agent, session = user
-                        i = w.model.index.get(agent)
-                        value = soon.get(session, {}).get(agent, 0.0) * reuse_factor(i, age, pbin)
-                        f = factors[(user, age, pbin)] = 1.0 - value
-                    keep *= f
+                        f = factors[(user, age, pbin)] = user_density(user, age, pbin)
+                    density += f
             if sessions >= 2:  # other sessions reuse it at the rate new sessions have so far
-                rate = (sessions - 1) / max(now - born, cycle)
-                keep *= 1.0 - rate / (rate + 1.0 / tau)
-            by_key[(key, born)] = _delay_score(1.0 - keep)
-            return by_key[(key, born)]
+                density += (sessions - 1) / max(now - born, cycle)
+            if density <= 0:
+                score = 0.0
+            else:
+                delay = max(1.0 / (density * tau), 1 / 32)  # in turnovers
+                score = min(max(1.0 - math.log(delay * 32) / math.log(1024), 0.0), 1.0)
+            by_key[(key, born)] = score
+            return score
 
         return key_score
 

@@ -186,18 +186,13 @@ class TransitionModel:
             return {}
         return dict(zip(names, np.clip(curves[-1], 0.0, 1.0).tolist()))
 
-    def discounted_hitting(self, agent: str, discount: float, steps: int) -> dict[str, float]:
-        """E[discount ** T] for T the number of calls until each agent is next called (0 beyond ``steps``).
-
-        1 for an agent certain to be next, near 0 for one unlikely to come soon:
-        a soft, monotone stand-in for "how soon" that sums over every path.
-        """
+    def first_call_pmf(self, agent: str, steps: int) -> tuple[list[str], np.ndarray]:
+        """The agents x reachable, and P(x's next call is the t-th call from now | current = ``agent``),
+        t = 1..steps (rows)."""
         names, curves = self._hitting_curves(agent, steps)
         if not names:
-            return {}
-        weights = discount ** np.arange(1, steps + 1)
-        values = weights @ np.diff(curves, axis=0, prepend=0.0)
-        return dict(zip(names, np.clip(values, 0.0, 1.0).tolist()))
+            return [], np.zeros((0, 0))
+        return names, np.clip(np.diff(curves, axis=0, prepend=0.0), 0.0, 1.0)
 
     def _hitting_curves(self, agent: str, steps: int) -> tuple[list[str], np.ndarray]:
         """The agents x reachable, and P(x called within t calls | current = ``agent``) for t = 1..steps (rows)."""
@@ -248,10 +243,3 @@ class TransitionModel:
                 else:
                     model._sparse[i][int(j)] = c
         return model
-
-
-def steps_within(horizon_s: float, mean_step_s: float, cap: int = 16) -> int:
-    """How many agent calls fit in ``horizon_s`` at ``mean_step_s`` each (at least 1)."""
-    if mean_step_s <= 0:
-        return cap
-    return max(1, min(cap, math.ceil(horizon_s / mean_step_s)))
