@@ -144,6 +144,43 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drive(args: argparse.Namespace) -> int:
+    """A real trace into a running vLLM OpenAI server; framework events to Kafka through the SDK."""
+    from evaluation.bench import COLUMNS, metrics, setting
+    from evaluation.server_replay import ServerError, replay_server
+    from framework_emitter.sdk import AgentEventEmitter
+    from streams.producer import EventProducer
+    from streams.topics import Topics
+
+    _, order, *_ = setting(args.workload, args.calls, args.sessions, 0.05, args.max_prompt_tokens, args.max_in_flight)
+    print(f"{args.workload}: {len(order)} calls of {len({c.session for c in order})} sessions to {args.server} "
+          f"({args.max_in_flight} in flight)", flush=True)
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done}/{total} calls", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    producer = None
+    if not args.no_events:
+        config = _config(args)
+        require_broker(config.bootstrap_servers)
+        producer = EventProducer(config, Topics.for_prefix(config.topic_prefix))
+    try:
+        emitter = AgentEventEmitter(producer, args.workload) if producer is not None else None
+        result = replay_server(args.server, args.model, order, workload=args.workload, vocab_size=args.vocab_size,
+                               max_prompt_tokens=args.max_prompt_tokens, emitter=emitter,
+                               max_output_tokens=args.max_output_tokens, max_in_flight=args.max_in_flight,
+                               time_scale=args.time_scale, progress=progress)
+    except ServerError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if producer is not None:
+            producer.close()
+    figures = metrics(result)
+    print(" | ".join(f"{label} {fmt.format(figures[key])}" for label, key, fmt in COLUMNS))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -221,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, default=20, help="first N sessions of the trace")
     p.add_argument("--db", default="sqlite:///runs/demo.db")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("drive", help="replay a real trace into a running vLLM OpenAI server, agent identity "
+                       "attached, framework events to Kafka")
+    p.add_argument("workload", help="a trace in ../shared/traces (e.g. chatdev) or a JSONL path")
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="the server's base URL (default: %(default)s)")
+    p.add_argument("--model", required=True, help="the model name the server serves")
+    p.add_argument("--vocab-size", type=int, default=32000, help="token ids are drawn below this (default: %(default)s)")
+    p.add_argument("--calls", type=int, default=120, help="first whole sessions up to this many calls")
+    p.add_argument("--sessions", type=int, default=10_000, help="at most this many sessions")
+    p.add_argument("--max-in-flight", type=int, default=8)
+    p.add_argument("--max-prompt-tokens", type=int, default=4032, help="longer prompts are truncated (warned)")
+    p.add_argument("--max-output-tokens", type=int, default=8)
+    p.add_argument("--time-scale", type=float, default=0.0, help="tool gaps x this (0: back to back)")
+    p.add_argument("--no-events", action="store_true", help="send requests only (no broker needed)")
+    p.set_defaults(func=cmd_drive)
 
     p = sub.add_parser("worker", help="run a policy worker (its own consumer group) until interrupted")
     p.add_argument("--policy", default="cachesage", help="entry-point name in agentrt.policies, or module:Class")

@@ -29,7 +29,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from framework_emitter.prefix_blocks import block_hashes
 from framework_emitter.sdk import AgentEventEmitter, CallbackSink, prefix_fingerprint
@@ -222,6 +222,117 @@ class OracleArm(Arm):
             self.scheduler.apply_decisions([(d, now) for d in decisions])
 
 
+@dataclass
+class Submission:
+    """One call ready to go: what to send and how to tag it."""
+
+    index: int
+    call: TraceCall
+    request_id: str
+    token_ids: list[int]
+    max_tokens: int
+    tags: dict[str, Any]
+    submitted: float
+
+
+class ReplayDriver:
+    """The replay's order, pacing and framework events, shared by the offline and server paths.
+
+    Calls go in the fixed global ``order``; a call waits until its session's
+    previous call has finished (plus its tool gap x ``time_scale``) and a slot
+    of ``max_in_flight`` is free; strict order keeps every arm comparable with
+    the simulator's. The framework's events go through ``emitter`` (the SDK).
+    """
+
+    def __init__(self, order: Sequence[TraceCall], *, workload: str, vocab_size: int, max_prompt_tokens: int,
+                 max_output_tokens: int, max_in_flight: int, time_scale: float,
+                 emitter: AgentEventEmitter | None) -> None:
+        self.order, self.workload, self.emitter = order, workload, emitter
+        self.vocab_size, self.max_prompt_tokens = vocab_size, max_prompt_tokens
+        self.max_output_tokens, self.max_in_flight, self.time_scale = max_output_tokens, max_in_flight, time_scale
+        self.remaining: dict[str, int] = {}
+        for call in order:
+            self.remaining[call.session] = self.remaining.get(call.session, 0) + 1
+        self.next_in_session: dict[int, TraceCall] = {}  # index in order -> the session's following call
+        last_index: dict[str, int] = {}
+        for k, call in enumerate(order):
+            if call.session in last_index:
+                self.next_in_session[last_index[call.session]] = call
+            last_index[call.session] = k
+        self.ready_at: dict[str, float] = {}  # session -> when its next call may go (previous finished + gap)
+        self.busy: set[str] = set()
+        self.previous: dict[str, TraceCall] = {}
+        self.in_flight: dict[str, Submission] = {}
+        self.next_index = 0
+        self.truncated = 0
+        self.results: list[CallResult] = []
+        self.output_tokens = 0
+
+    @property
+    def done(self) -> bool:
+        return self.next_index >= len(self.order) and not self.in_flight
+
+    def wait_s(self, now: float) -> float:
+        """How long until the next call could become ready (nothing in flight)."""
+        return max(min(self.ready_at.values(), default=now) - now, 0.0)
+
+    def ready(self, now: float) -> Iterator[Submission]:
+        """The calls that may go now, in order; each is counted in flight once yielded."""
+        while self.next_index < len(self.order) and len(self.in_flight) < self.max_in_flight:
+            call = self.order[self.next_index]
+            if call.session in self.busy or self.ready_at.get(call.session, 0.0) > now:
+                return  # strict order: the replay stays comparable with the simulator's
+            ids = prompt_token_ids(call.segments, self.vocab_size, max_tokens=self.max_prompt_tokens)
+            self.truncated += call.prompt_tokens > len(ids)
+            request_id = f"{self.workload}-{call.session}-{call.seq}-{uuid.uuid4().hex[:6]}"
+            before = self.previous.get(call.session)
+            tags = {"agentrt.workload": self.workload, "agentrt.agent": call.agent, "agentrt.session": call.session}
+            if self.emitter is not None:
+                if before is None:
+                    self.emitter.session_start(call.session, call.agent, at=now)
+                elif before.agent != call.agent:
+                    self.emitter.handoff(call.session, before.agent, call.agent, step=call.seq, at=now)
+                prefix = call.segments[:-1] or call.segments
+                self.emitter.step_start(call.session, call.agent, call.seq, prefix_fingerprint(s for s, _ in prefix),
+                                        sum(n for _, n in prefix), prompt_tokens=len(ids), request=request_id,
+                                        previous_agent=before.agent if before else None, at=now)
+                tags = self.emitter.request_tags(call.session, call.agent, call.seq)
+            submission = Submission(self.next_index, call, request_id, ids,
+                                    max(1, min(call.output_tokens, self.max_output_tokens)), tags, now)
+            self.in_flight[request_id] = submission
+            self.busy.add(call.session)
+            self.previous[call.session] = call
+            self.next_index += 1
+            yield submission
+
+    def finished(self, request_id: str, *, prompt_tokens: int, cached_tokens: int, output_tokens: int,
+                 first_token: float, now: float) -> Submission:
+        """Record a finished call; its session's next call becomes ready after the tool gap."""
+        sent = self.in_flight.pop(request_id)
+        call = sent.call
+        self.busy.discard(call.session)
+        self.output_tokens += output_tokens
+        self.results.append(CallResult(call.session, call.agent, call.seq, prompt_tokens, cached_tokens,
+                                       sent.submitted, first_token, now))
+        self.remaining[call.session] -= 1
+        gap = 0.0
+        following = self.next_in_session.get(sent.index)
+        if following is not None and following.t is not None and call.t is not None:
+            gap = max(following.t - call.t, 0.0) * self.time_scale
+        self.ready_at[call.session] = now + gap
+        if self.emitter is not None:
+            self.emitter.step_end(call.session, call.agent, call.seq, output_tokens=output_tokens, request=request_id,
+                                  duration_s=now - sent.submitted, at=now)
+            if self.remaining[call.session] == 0:
+                self.emitter.session_end(call.session, call.agent, status="completed", at=now)
+        return sent
+
+    def warn_truncated(self) -> None:
+        if self.truncated:
+            log.warning("%d of %d prompts were longer than %d tokens and were truncated", self.truncated,
+                        len(self.order), self.max_prompt_tokens)
+
+
 def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, vocab_size: int,
            max_prompt_tokens: int, max_output_tokens: int = 8, max_in_flight: int = 16, time_scale: float = 0.0,
            progress: Callable[[int, int], None] | None = None) -> ArmResult:
@@ -236,90 +347,40 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
         raise RuntimeError(f"arm {arm.name!r} needs AgentRuntimeScheduler in this process")
     emitter = arm.attach(scheduler, workload) if runtime else None
     prefetch_before = scheduler.agentrt_counters["prefetch_prompt_tokens"] if runtime else 0
-    remaining = {}
-    for call in order:
-        remaining[call.session] = remaining.get(call.session, 0) + 1
-    next_in_session: dict[int, TraceCall] = {}  # index in order -> the session's following call
-    last_index: dict[str, int] = {}
-    for k, call in enumerate(order):
-        if call.session in last_index:
-            next_in_session[last_index[call.session]] = call
-        last_index[call.session] = k
-    ready_at: dict[str, float] = {}  # session -> when its next call may go (previous finished + gap)
-    busy: set[str] = set()
-    previous: dict[str, TraceCall] = {}
-    in_flight: dict[str, tuple[int, TraceCall, float]] = {}
+    driver = ReplayDriver(order, workload=workload, vocab_size=vocab_size, max_prompt_tokens=max_prompt_tokens,
+                          max_output_tokens=max_output_tokens, max_in_flight=max_in_flight, time_scale=time_scale,
+                          emitter=emitter)
     first_token: dict[str, float] = {}
-    results: list[CallResult] = []
-    output_tokens = 0
-    truncated = 0
     began = time.perf_counter()
     clock = time.time
-    next_index = 0
     try:
-        while next_index < len(order) or in_flight:
+        while not driver.done:
             now = clock()
-            while next_index < len(order) and len(in_flight) < max_in_flight:
-                call = order[next_index]
-                if call.session in busy or ready_at.get(call.session, 0.0) > now:
-                    break  # strict order: the replay stays comparable with the simulator's
-                ids = prompt_token_ids(call.segments, vocab_size, max_tokens=max_prompt_tokens)
-                truncated += call.prompt_tokens > len(ids)
-                request_id = f"{workload}-{call.session}-{call.seq}-{uuid.uuid4().hex[:6]}"
+            for sent in driver.ready(now):
                 if isinstance(arm, OracleArm):
-                    arm.register(request_id, next_index)
-                arm.before_submit(next_index)
-                before = previous.get(call.session)
-                tags = {"agentrt.workload": workload, "agentrt.agent": call.agent, "agentrt.session": call.session}
-                if emitter is not None:
-                    if before is None:
-                        emitter.session_start(call.session, call.agent, at=now)
-                    elif before.agent != call.agent:
-                        emitter.handoff(call.session, before.agent, call.agent, step=call.seq, at=now)
-                    prefix = call.segments[:-1] or call.segments
-                    emitter.step_start(call.session, call.agent, call.seq, prefix_fingerprint(s for s, _ in prefix),
-                                       sum(n for _, n in prefix), prompt_tokens=len(ids), request=request_id,
-                                       previous_agent=before.agent if before else None, at=now)
-                    tags = emitter.request_tags(call.session, call.agent, call.seq)
-                params = SamplingParams(max_tokens=max(1, min(call.output_tokens, max_output_tokens)), temperature=0.0,
-                                        ignore_eos=True, extra_args=tags)
-                engine.add_request(request_id, {"prompt_token_ids": ids}, params)
-                in_flight[request_id] = (next_index, call, now)
-                busy.add(call.session)
-                previous[call.session] = call
-                next_index += 1
-            if not in_flight:
-                time.sleep(min(max(min(ready_at.values(), default=now) - now, 0.0), 0.05))
+                    arm.register(sent.request_id, sent.index)
+                arm.before_submit(sent.index)
+                params = SamplingParams(max_tokens=sent.max_tokens, temperature=0.0, ignore_eos=True,
+                                        extra_args=sent.tags)
+                engine.add_request(sent.request_id, {"prompt_token_ids": sent.token_ids}, params)
+            if not driver.in_flight:
+                time.sleep(min(driver.wait_s(now), 0.05))
                 continue
             outputs = engine.step()
             now = clock()
             for out in outputs:
-                if out.request_id not in in_flight:
+                if out.request_id not in driver.in_flight:
                     continue
                 if out.request_id not in first_token and out.outputs and out.outputs[0].token_ids:
                     first_token[out.request_id] = now
                 if not out.finished:
                     continue
-                index, call, submitted = in_flight.pop(out.request_id)
-                busy.discard(call.session)
-                n_out = len(out.outputs[0].token_ids) if out.outputs else 0
-                output_tokens += n_out
-                results.append(CallResult(call.session, call.agent, call.seq, len(out.prompt_token_ids or []),
-                                          int(out.num_cached_tokens or 0), submitted,
-                                          first_token.pop(out.request_id, now), now))
-                remaining[call.session] -= 1
-                gap = 0.0
-                following = next_in_session.get(index)
-                if following is not None and following.t is not None and call.t is not None:
-                    gap = max(following.t - call.t, 0.0) * time_scale
-                ready_at[call.session] = now + gap
-                if emitter is not None:
-                    emitter.step_end(call.session, call.agent, call.seq, output_tokens=n_out, request=out.request_id,
-                                     duration_s=now - submitted, at=now)
-                    if remaining[call.session] == 0:
-                        emitter.session_end(call.session, call.agent, status="completed", at=now)
+                driver.finished(out.request_id, prompt_tokens=len(out.prompt_token_ids or []),
+                                cached_tokens=int(out.num_cached_tokens or 0),
+                                output_tokens=len(out.outputs[0].token_ids) if out.outputs else 0,
+                                first_token=first_token.pop(out.request_id, now), now=now)
                 if progress:
-                    progress(len(results), len(order))
+                    progress(len(driver.results), len(order))
             arm.after_step(now)
         # The policy's own requests (prefetches) are invisible to the frontend: let them finish too,
         # so the next run starts from an idle engine.
@@ -327,12 +388,10 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
             engine.step()
     finally:
         arm.detach()
-    if truncated:
-        log.warning("%d of %d prompts were longer than %d tokens and were truncated", truncated, len(order),
-                    max_prompt_tokens)
+    driver.warn_truncated()
     prefetch = 0
     counters: dict[str, Any] = {}
     if runtime:
         prefetch = scheduler.agentrt_counters["prefetch_prompt_tokens"] - prefetch_before
         counters = dict(scheduler.agentrt_counters)
-    return ArmResult(arm.name, results, time.perf_counter() - began, output_tokens, prefetch, counters)
+    return ArmResult(arm.name, driver.results, time.perf_counter() - began, driver.output_tokens, prefetch, counters)

@@ -164,3 +164,43 @@ def test_served_tokens_equal_the_offline_engine(served, engine):
     offline = llm.generate([TokensPrompt(prompt_token_ids=_prompt("tester", 0))],
                            SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
     assert _complete(base, model, "tester", 0, max_tokens=8)[1] == list(offline[0].outputs[0].token_ids)
+
+
+def test_a_real_trace_replays_through_the_server_with_agent_identity(served):
+    """The OpenAI-server path of the trace replay: every call answered, its framework events on the
+    framework topic (through the SDK and Kafka), and the server's engine events naming the same agents
+    and counting the same cached tokens the API reported."""
+    from engine_emitter.tiny_model import SIZES
+    from evaluation.bench import setting
+    from evaluation.server_replay import replay_server
+    from framework_emitter.sdk import AgentEventEmitter
+
+    base, _, config, model = served
+    _, order, *_ = setting("crewai", 12, 10_000, 0.05, 256, 2)
+    topics = Topics.for_prefix(config.topic_prefix)
+    consumer = Consumer({"bootstrap.servers": config.bootstrap_servers, "group.id": f"t{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    consumer.assign([TopicPartition(topic, p, 0) for topic in (topics.framework, topics.engine)
+                     for p in range(config.partitions)])
+    with EventProducer(config, topics) as producer:
+        result = replay_server(base, model, order, workload="crewai", vocab_size=SIZES["tiny"][4],
+                               max_prompt_tokens=256, emitter=AgentEventEmitter(producer, "crewai"), max_in_flight=2)
+        producer.flush()
+    assert sorted((c.session, c.seq) for c in result.calls) == sorted((c.session, c.seq) for c in order)
+    assert result.hit_rate > 0  # crewai's agents share their system prompts
+    steps, finished = [], []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (len(steps) < len(order) or len(finished) < len(order)):
+        msg = consumer.poll(0.2)
+        if msg is None or msg.error():
+            continue
+        event = decode(msg.key(), msg.value())
+        if event.workload != "crewai":
+            continue
+        if isinstance(event, ev.AgentStepStart):
+            steps.append((event.session, event.agent))
+        elif isinstance(event, ev.RequestFinished):
+            finished.append((event.session, event.agent, event.cached_tokens))
+    consumer.close()
+    assert sorted(steps) == sorted((c.session, c.agent) for c in order)
+    assert sorted(finished) == sorted((c.session, c.agent, c.cached_tokens) for c in result.calls)
