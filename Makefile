@@ -42,7 +42,7 @@ demo: install install-engine
 	$(EBIN)/python -m evaluation.bench --workloads chatdev --repeats 1 --arms stock cachesage oracle \
 		--out runs/eval --db sqlite:///runs/eval/results.db
 
-# All five workloads, two repeats each (about an hour on 2 cores); the tables in BENCHMARKS.md.
+# All five workloads, two repeats each (1 to 1.5 hours on 2 cores; magentic_one is a third of it); the tables in BENCHMARKS.md.
 eval-all: install-engine
 	$(EBIN)/python -m evaluation.bench --all --repeats 2 --out runs/eval-all --db sqlite:///runs/eval-all/results.db
 
