@@ -146,13 +146,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_drive(args: argparse.Namespace) -> int:
     """A real trace into a running vLLM OpenAI server; framework events to Kafka through the SDK."""
-    from evaluation.bench import COLUMNS, metrics, setting
+    from evaluation.bench import COLUMNS, metrics, replay_order
     from evaluation.server_replay import ServerError, replay_server
     from framework_emitter.sdk import AgentEventEmitter
     from streams.producer import EventProducer
     from streams.topics import Topics
 
-    _, order, *_ = setting(args.workload, args.calls, args.sessions, 0.05, args.max_prompt_tokens, args.max_in_flight)
+    _, order = replay_order(args.workload, args.calls, args.sessions)
     print(f"{args.workload}: {len(order)} calls of {len({c.session for c in order})} sessions to {args.server} "
           f"({args.max_in_flight} in flight)", flush=True)
 

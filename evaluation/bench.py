@@ -223,21 +223,27 @@ def parameters(size: str) -> int:
     return 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + hidden
 
 
+def replay_order(workload: str, calls: int, max_sessions: int) -> tuple[dict, list]:
+    """The trace's first whole sessions (file order) up to ``calls`` calls, and the order a replay sends
+    them in (16 sessions interleaved): (sessions, order)."""
+    from framework_emitter.replayer import interleave
+    from framework_emitter.traces import read_trace, sessions
+
+    chosen: dict = {}
+    for name, session_calls in sessions(read_trace(workload)).items():
+        if len(chosen) >= max_sessions or sum(map(len, chosen.values())) >= calls:
+            break
+        chosen[name] = session_calls
+    return chosen, list(interleave(chosen, 16))
+
+
 def setting(workload: str, calls: int, max_sessions: int, fraction: float, max_prompt_tokens: int,
             in_flight: int) -> tuple[dict, list, list, int, int, float, int]:
     """What a bench run replays and at which capacity (the simulator's sweep reuses it):
     (sessions, order, prompts as the engine gets them, footprint, cache part, working set, capacity)."""
-    from framework_emitter.replayer import interleave
-    from framework_emitter.traces import read_trace, sessions
-
     from .simulator import distinct_blocks
 
-    chosen: dict = {}
-    for name, session_calls in sessions(read_trace(workload)).items():  # whole sessions, in file order
-        if len(chosen) >= max_sessions or sum(map(len, chosen.values())) >= calls:
-            break
-        chosen[name] = session_calls
-    order = list(interleave(chosen, 16))
+    chosen, order = replay_order(workload, calls, max_sessions)
     # The simulator sees the prompts the engine gets: truncated to the context the engine allows.
     sim_calls = [c.truncated(max_prompt_tokens) for c in order]
     footprint = distinct_blocks(sim_calls)

@@ -257,7 +257,7 @@ class _Workload:
         self.removals = (0.0, 0.0)  # decayed count of evicted blocks, when last updated (turnover)
         self.watched_since: float | None = None  # the first event's time: how long the rate has been measured
         self.born: dict[tuple, float] = {}  # group key -> when its oldest member was first stored
-        # (handoff, current agent) -> ((model version, steps), (agent -> column, P(first call at t)))
+        # (handoff, current agent) -> (model version, (agent -> column, P(first call at t)))
         self.pmf_cache: dict[tuple, tuple] = {}
         self.events_since_act = 0
         self.last_act = -math.inf
@@ -648,7 +648,7 @@ class CacheSage(Policy):
             found = pmfs.get(key)
             if found is None:
                 cached = w.pmf_cache.get(key)
-                if cached is not None and cached[0] == (w.model.version, steps):
+                if cached is not None and cached[0] == w.model.version:
                     found = cached[1]
                 else:
                     if session.handoff_to:  # the framework said who is next: it is call 1
@@ -657,14 +657,13 @@ class CacheSage(Policy):
                         if len(names):
                             table[1:, : len(names)] = later
                         names = [*names, agent]  # it may come back later too: its first call is call 1
-                        table[:, -1] = 0.0
                         table[0, -1] = 1.0
                     else:
                         names, table = w.model.first_call_pmf(agent, steps)
                     found = ({n: j for j, n in enumerate(names)}, table)
                     if len(w.pmf_cache) > 4096:
                         w.pmf_cache.clear()
-                    w.pmf_cache[key] = ((w.model.version, steps), found)
+                    w.pmf_cache[key] = (w.model.version, found)
                 pmfs[key] = found
             return found
 

@@ -171,12 +171,12 @@ def test_a_real_trace_replays_through_the_server_with_agent_identity(served):
     framework topic (through the SDK and Kafka), and the server's engine events naming the same agents
     and counting the same cached tokens the API reported."""
     from engine_emitter.tiny_model import SIZES
-    from evaluation.bench import setting
+    from evaluation.bench import replay_order
     from evaluation.server_replay import replay_server
     from framework_emitter.sdk import AgentEventEmitter
 
     base, _, config, model = served
-    _, order, *_ = setting("crewai", 12, 10_000, 0.05, 256, 2)
+    _, order = replay_order("crewai", 12, 10_000)
     topics = Topics.for_prefix(config.topic_prefix)
     consumer = Consumer({"bootstrap.servers": config.bootstrap_servers, "group.id": f"t{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "auto.offset.reset": "earliest"})
