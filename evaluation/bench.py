@@ -9,7 +9,11 @@ their distinct full prompt blocks (default: the workload's pressure band), at
 least one longest prompt; both stated in the output. Each repeat runs, on the same model,
 capacity, order and prompts, the prefix cache reset before each arm:
 - stock: vLLM with its own scheduler;
-- cachesage: vLLM + AgentRuntimeScheduler + CacheSage's eviction scores only;
+- cachesage: vLLM + AgentRuntimeScheduler + CacheSage's eviction scores only,
+  its state first learned from the workload's other sessions (--warm-calls
+  of them, never the replayed ones), as a worker that has been running
+  persists it;
+- cachesage-cold: the same, learning from nothing at the first call;
 - cachesage+prefetch: the same with its pins and prefetches too;
 - oracle: exact next-use scores from the trace's future through the same
   decision path (Belady in the engine: the limit for eviction alone). The simulator's hit rates for the same order and capacity are shown
@@ -40,7 +44,8 @@ PRESSURE = {"ag2_captainagent": 0.05, "chatdev": 0.05, "crewai": 0.05, "magentic
 # sessions are two short calls; magentic_one and tau_airline reuse 83-96% of their prompts, so 400 calls cost
 # little prefill.
 CALLS = {"ag2_captainagent": 120, "chatdev": 120, "crewai": 400, "magentic_one": 400, "tau_airline": 400}
-ARMS = ("stock", "cachesage", "cachesage+prefetch", "oracle")
+ARMS = ("stock", "cachesage", "cachesage-cold", "cachesage+prefetch", "oracle")
+WARM_CALLS = 2000
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -102,12 +107,15 @@ def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float]) 
                 f"p99 TTFT {_change(med['ttft_p99_s'], base['ttft_p99_s'])}, "
                 f"throughput {_change(med['requests_per_s'], base['requests_per_s'])} (req/s), "
                 f"prefill tokens {_change(med['prefill_tokens'], base['prefill_tokens'])}")
-        if "oracle" in rows and "cachesage" in rows:
+        if "oracle" in rows:
             oracle = statistics.median(r["hit_rate"] for r in rows["oracle"])
-            sage = statistics.median(r["hit_rate"] for r in rows["cachesage"])
             gap = oracle - base["hit_rate"]
-            share = f"{(sage - base['hit_rate']) / gap:+.0%}" if gap > 0.005 else "n/a (oracle within 0.5 pp of stock)"
-            lines.append(f"\nCacheSage closes {share} of the stock→oracle hit-rate gap.")
+            for arm in ("cachesage", "cachesage-cold"):
+                if arm in rows:
+                    sage = statistics.median(r["hit_rate"] for r in rows[arm])
+                    share = (f"{(sage - base['hit_rate']) / gap:+.0%}" if gap > 0.005
+                             else "n/a (oracle within 0.5 pp of stock)")
+                    lines.append(f"\n{arm} closes {share} of the stock→oracle hit-rate gap.")
     return "\n".join(lines)
 
 
@@ -237,6 +245,21 @@ def replay_order(workload: str, calls: int, max_sessions: int) -> tuple[dict, li
     return chosen, list(interleave(chosen, 16))
 
 
+def held_out(workload: str, replayed: Sequence[str], calls: int, max_prompt_tokens: int) -> list:
+    """Up to ``calls`` calls of the workload's sessions that a replay does not send (file order,
+    interleaved like a replay): what a worker could have learned from before the measured window."""
+    from framework_emitter.replayer import interleave
+    from framework_emitter.traces import read_trace, sessions
+
+    others: dict = {}
+    for name, session_calls in sessions(read_trace(workload)).items():
+        if sum(map(len, others.values())) >= calls:
+            break
+        if name not in replayed:
+            others[name] = session_calls
+    return [c.truncated(max_prompt_tokens) for c in interleave(others, 16)][:calls]
+
+
 def setting(workload: str, calls: int, max_sessions: int, fraction: float, max_prompt_tokens: int,
             in_flight: int) -> tuple[dict, list, list, int, int, float, int]:
     """What a bench run replays and at which capacity (the simulator's sweep reuses it):
@@ -258,7 +281,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
     from policy_workers.cachesage import CacheSage
 
     from .engine_replay import Arm, OracleArm, PolicyArm, replay
-    from .simulator import LRU, Belady, block_uses, run_cachesage, simulate
+    from .simulator import LRU, Belady, block_uses, learned_state, run_cachesage, simulate
 
     fraction = args.fraction if args.fraction is not None else PRESSURE[workload]
     chosen, order, sim_calls, footprint, cache_part, batch, capacity = setting(
@@ -273,10 +296,24 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
           f"= {cache_part} ({fraction:.0%} of the {footprint}-block prefix footprint) + {int(batch)} for "
           f"the working set of {args.max_in_flight} requests in flight", flush=True)
     uses = block_uses(sim_calls)
-    # The simulator in the engine's setting: the whole capacity, the same number of requests in flight.
     k = args.max_in_flight
+    history = held_out(workload, chosen, args.warm_calls, args.max_prompt_tokens)
+    warm = learned_state(history, capacity, workload, in_flight=k) if history else {}
+    setup["warm_calls"] = len(history)
+    print(f"CacheSage's state learned from {len(history)} calls of {workload}'s other sessions (simulated, the "
+          f"replayed sessions excluded); cachesage-cold starts from nothing", flush=True)
+
+    def cachesage(warmed: bool, **overrides: Any) -> CacheSage:
+        policy = CacheSage(**overrides)
+        if warmed and warm:
+            policy.load_state(warm)
+        return policy
+
+    # The simulator in the engine's setting: the whole capacity, the same number of requests in flight.
     simulated = {"stock": simulate(sim_calls, capacity, LRU(), in_flight=k).hit_rate,
-                 "cachesage": run_cachesage(sim_calls, capacity, workload, in_flight=k).hit_rate,
+                 "cachesage": run_cachesage(sim_calls, capacity, workload, in_flight=k,
+                                            policy=cachesage(True)).hit_rate,
+                 "cachesage-cold": run_cachesage(sim_calls, capacity, workload, in_flight=k).hit_rate,
                  "oracle": simulate(sim_calls, capacity, Belady(uses), in_flight=k).hit_rate}
     # One block more than the capacity: vLLM keeps one as its null block.
     dtype = setup["dtype"]
@@ -299,11 +336,11 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
                 raise RuntimeError("the engine still holds blocks between arms; results would not be comparable")
             if arm_name == "stock":
                 arm: Arm = Arm()
-            elif arm_name == "cachesage":  # eviction scores only: what the simulator models
-                arm = PolicyArm(CacheSage(pin_threshold=2.0, prefetch_threshold=2.0), name=arm_name,
-                                act_every_s=args.act_every_s)
+            elif arm_name in ("cachesage", "cachesage-cold"):  # eviction scores only: what the simulator models
+                arm = PolicyArm(cachesage(arm_name == "cachesage", pin_threshold=2.0, prefetch_threshold=2.0),
+                                name=arm_name, act_every_s=args.act_every_s)
             elif arm_name == "cachesage+prefetch":  # everything it does: scores, pins, prefetch
-                arm = PolicyArm(CacheSage(), name=arm_name, act_every_s=args.act_every_s)
+                arm = PolicyArm(cachesage(True), name=arm_name, act_every_s=args.act_every_s)
             else:
                 arm = OracleArm(order, 32, args.max_prompt_tokens)
             began = time.perf_counter()
@@ -356,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="KV capacity / prefix footprint (default: the workload's pressure band, PRESSURE)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--warm-calls", type=int, default=WARM_CALLS,
+                        help="CacheSage's state is first learned (in the simulator) from up to this many calls of "
+                             "the workload's sessions that are not replayed; 0: every CacheSage arm starts cold")
     parser.add_argument("--model-size", default="auto", choices=("auto", "tiny", "medium", "small"),
                         help="auto: small (168M, bfloat16) where the CPU has native bfloat16, else medium "
                              "(46M, float32); both prefill slowly enough that cache hits dominate TTFT")

@@ -487,3 +487,18 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
 
     return simulate(calls, capacity_blocks, order, block_size=block_size, name="CacheSage", on_call=on_call,
                     on_evict=on_evict, after_call=after_call, in_flight=in_flight, on_finish=on_finish)
+
+
+def learned_state(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, in_flight: int = 1,
+                  block_size: int = 32) -> dict:
+    """What CacheSage learns about a workload from ``calls`` (run through the simulator at this capacity), as
+    a worker persists it: transitions, reuse by age, agents' turns. Timing is left out (the simulator's clock
+    is not a real one) and so are the sessions (all ended)."""
+    from policy_workers.cachesage import CacheSage
+
+    sage = CacheSage()
+    run_cachesage(calls, capacity_blocks, workload, block_size=block_size, policy=sage, in_flight=in_flight)
+    state = sage.to_state([workload])
+    for saved in state.values():
+        saved["timing"], saved["sessions"] = None, {}
+    return state

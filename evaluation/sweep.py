@@ -59,22 +59,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, str]) -> int:
-    """LRU, CacheSage and Belady on exactly what evaluation.bench replays, serial and with requests in flight."""
-    from .bench import CALLS, PRESSURE, setting
+    """LRU, CacheSage (cold, and warm from the workload's other sessions) and Belady on exactly what
+    evaluation.bench replays, serial and with requests in flight."""
+    from policy_workers.cachesage import CacheSage
 
-    print(f"| workload | capacity (blocks) | in flight | LRU | CacheSage | Belady | CacheSage share of the gap |")
-    print("|---|---|---|---|---|---|---|")
+    from .bench import CALLS, PRESSURE, WARM_CALLS, held_out, setting
+    from .simulator import learned_state
+
+    def share(hit: float, lru: float, belady: float) -> str:
+        return f"{(hit - lru) / (belady - lru):+.0%}" if belady - lru > 0.005 else "n/a (gap < 0.5 pp)"
+
+    print("| workload | capacity (blocks) | in flight | LRU | CacheSage cold | CacheSage warm | Belady | "
+          "share of the gap, cold | warm |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
-        *_, sim_calls, _, _, _, capacity = setting(workload, CALLS[workload], 10_000, PRESSURE[workload], 4032, in_flight)
+        chosen, _, sim_calls, _, _, _, capacity = setting(workload, CALLS[workload], 10_000, PRESSURE[workload],
+                                                          4032, in_flight)
         capacity = int(capacities.get(workload, capacity))
         uses = block_uses(sim_calls)
+        history = held_out(workload, chosen, WARM_CALLS, 4032)
         for k in (1, in_flight):
+            warm = CacheSage()
+            if history:
+                warm.load_state(learned_state(history, capacity, workload, in_flight=k))
             lru = simulate(sim_calls, capacity, LRU(), in_flight=k).hit_rate
-            sage = run_cachesage(sim_calls, capacity, workload, in_flight=k).hit_rate
+            cold = run_cachesage(sim_calls, capacity, workload, in_flight=k).hit_rate
+            warmed = run_cachesage(sim_calls, capacity, workload, in_flight=k, policy=warm).hit_rate
             belady = simulate(sim_calls, capacity, Belady(uses), in_flight=k).hit_rate
-            gap = belady - lru
-            share = f"{(sage - lru) / gap:+.0%}" if gap > 0.005 else "n/a (gap < 0.5 pp)"
-            print(f"| {workload} | {capacity:,} | {k} | {lru:.3f} | {sage:.3f} | {belady:.3f} | {share} |", flush=True)
+            print(f"| {workload} | {capacity:,} | {k} | {lru:.3f} | {cold:.3f} | {warmed:.3f} | {belady:.3f} | "
+                  f"{share(cold, lru, belady)} | {share(warmed, lru, belady)} |", flush=True)
     return 0
 
 

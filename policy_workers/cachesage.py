@@ -39,6 +39,7 @@ import numpy as np
 from streams import events as ev
 
 from .policy import Policy, Prediction
+from .continuation import Continuation
 from .transitions import TransitionModel
 
 
@@ -89,6 +90,7 @@ class _Session:
     acted_step: tuple[int | None, str] | None = None  # (step, agent) last pinned/prefetched for
     interval: float = 0.0  # EWMA of the time from one of its calls' start to the next's
     ended: bool = False  # kept until idle expiry so re-read events are recognised as duplicates
+    calls_by_agent: dict = field(default_factory=dict)  # agent -> its calls in this session so far
 
     @property
     def agent(self) -> str | None:
@@ -147,17 +149,26 @@ class _Reuse:
     A block's age for a user is how many prompts ago the user last had it (0:
     its latest prompt). Agents alternate prompt families (a role prompt per
     phase or per peer), so a block the latest prompt dropped often comes back a
-    few calls later: this is the hazard of reuse by age. Indexed [age, position
-    bin, agent]; an EWMA of the observed reused fraction, stored as uint8
-    (value / 254; 255 = not observed yet) to keep state bounded.
+    few calls later: this is the hazard of reuse by age.
+
+    Each prompt is one observation: the reused fraction of the blocks in a
+    class. A cell keeps a running mean of its first observations, then an
+    EWMA, packed in one byte to keep state bounded (state budget: 64 agents
+    in 20 KB): the top two bits count observations (0: none, up to 3), the
+    low six the value in 63rds. Reading shrinks a cell toward the mean over
+    the agents that have one (and that toward a prior) with ``strength``
+    pseudo-observations, so two unlucky prompts do not price a class at zero.
     """
 
     PRIOR = 0.5
-    UNSEEN = 255
+    LEVELS = 63
+    SETTLED = 3  # observations after which the running mean becomes an EWMA
+    SETTLED_WEIGHT = 7.0  # what an EWMA of rate ALPHA weighs, in observations ((2 - a) / a)
+    ALPHA = 0.25
 
-    def __init__(self, alpha: float = 0.1) -> None:
-        self.alpha = alpha
-        self.arrays = np.full((AGES, 2 * POSITION_BINS, 8), self.UNSEEN, dtype=np.uint8)
+    def __init__(self, strength: float = 2.0) -> None:
+        self.strength = strength
+        self.arrays = np.zeros((AGES, 2 * POSITION_BINS, 8), dtype=np.uint8)
 
     def observe(self, i: int, chains: Iterable[list[str]], current: Iterable[str],
                 class_of: Callable[[str, int], int]) -> None:
@@ -166,7 +177,7 @@ class _Reuse:
         ``class_of(hash, position)`` is the block's class before this prompt used it.
         """
         while i >= self.arrays.shape[2]:
-            self.arrays = np.concatenate([self.arrays, np.full_like(self.arrays, self.UNSEEN)], axis=2)
+            self.arrays = np.concatenate([self.arrays, np.zeros_like(self.arrays)], axis=2)
         current = set(current)
         seen: set[str] = set()
         classes = self.arrays.shape[1]
@@ -185,20 +196,32 @@ class _Reuse:
                     self._update(age, b, i, reused[b] / n)
 
     def _update(self, age: int, b: int, i: int, outcome: float) -> None:
-        old = int(self.arrays[age, b, i])
-        value = outcome if old == self.UNSEEN else old / 254 + self.alpha * (outcome - old / 254)
-        self.arrays[age, b, i] = round(value * 254)
+        count, value = self._unpack(int(self.arrays[age, b, i]))
+        alpha = 1.0 / (count + 1) if count < self.SETTLED else self.ALPHA
+        value += alpha * (outcome - value)
+        self.arrays[age, b, i] = (min(count + 1, self.SETTLED) << 6) | round(value * self.LEVELS)
+
+    @classmethod
+    def _unpack(cls, cell: int) -> tuple[int, float]:
+        return cell >> 6, (cell & 63) / cls.LEVELS
+
+    def _weight(self, count: int) -> float:
+        return self.SETTLED_WEIGHT if count >= self.SETTLED else float(count)
 
     def hazard(self, age: int, i: int | None, position_bin: int) -> float:
-        """The agent's learned hazard; where it has none yet, the mean over the agents that have one."""
+        """The agent's reuse probability for a block of this age and class, shrunk toward all agents' mean."""
         age = min(age, AGES - 1)
-        if i is not None and i < self.arrays.shape[2]:
-            value = int(self.arrays[age, position_bin, i])
-            if value != self.UNSEEN:
-                return value / 254
-        others = self.arrays[age, position_bin]
-        observed = others[others != self.UNSEEN]
-        return float(observed.mean()) / 254 if len(observed) else self.PRIOR
+        k = self.strength
+        cells = self.arrays[age, position_bin]
+        counts, values = cells >> 6, (cells & 63) / self.LEVELS
+        weights = np.where(counts >= self.SETTLED, self.SETTLED_WEIGHT, counts.astype(float))
+        total = float(weights.sum())
+        everyone = (float((weights * values).sum()) + k * self.PRIOR) / (total + k)
+        if i is None or i >= cells.shape[0]:
+            return everyone
+        count, value = self._unpack(int(cells[i]))
+        weight = self._weight(count)
+        return (weight * value + k * everyone) / (weight + k)
 
     def nbytes(self, n: int) -> int:
         return self.arrays.shape[0] * self.arrays.shape[1] * n * self.arrays.itemsize
@@ -246,6 +269,7 @@ class _Workload:
         self.model = TransitionModel(config.decay, config.prior_strength)
         self.timing = _AgentTiming()
         self.reuse = _Reuse()
+        self.turns = Continuation()  # P(an agent that has made n calls in its session makes another); key: agent index + 1
         self.sessions: dict[str, _Session] = {}
         self.blocks: OrderedDict[str, _Block] = OrderedDict()
         self.prefix_of: dict[tuple[str, str], tuple[str | None, list[str]]] = {}  # (agent, session) -> (request, hashes)
@@ -294,7 +318,7 @@ class _Workload:
     def learned_nbytes(self) -> int:
         """Bytes of what was learned about the workload's agents (transitions and timing)."""
         n = len(self.model)
-        return self.model.nbytes() + self.timing.nbytes(n) + self.reuse.nbytes(n)
+        return self.model.nbytes() + self.timing.nbytes(n) + self.reuse.nbytes(n) + self.turns.nbytes(n)
 
 
 class CacheSage(Policy):
@@ -343,6 +367,9 @@ class CacheSage(Policy):
 
     def _on_session_end(self, w: _Workload, event: ev.SessionEnd) -> None:
         session = self._session(w, event)
+        if not session.ended:  # every agent's last call in the session was its last
+            for agent, turns in session.calls_by_agent.items():
+                w.turns.observe_stopped(turns, w.model.agent_id(agent) + 1)
         session.ended, session.in_tool, session.handoff_to = True, False, None
         session.steps.clear()
         for key in [k for k in w.prefix_of if k[1] == event.session]:
@@ -357,6 +384,9 @@ class CacheSage(Policy):
             return
         session.seen.add(step)
         i = w.model.observe_call(event.agent)
+        turns = session.calls_by_agent[event.agent] = session.calls_by_agent.get(event.agent, 0) + 1
+        if turns >= 2:
+            w.turns.observe_continued(turns - 1, i + 1)
         w.timing.count_call(i, event.time, self.config.rate_window_s)
         if step <= session.latest - MAX_STEPS_KEPT:  # far behind its session's other agents
             if event.previous_agent is not None:
@@ -545,7 +575,7 @@ class CacheSage(Policy):
             for key in [k for k in w.prefix_of if k[1] in gone]:
                 del w.prefix_of[key]
                 w.earlier.pop(key, None)
-
+    
     def _mean_cycle_s(self, w: _Workload) -> float:
         n = len(w.model)
         if n == 0:
@@ -693,8 +723,15 @@ class CacheSage(Policy):
             i = w.model.index.get(agent)
             spacing = 1.0 / max(float(share[i]), 1e-3) if i is not None and i < len(share) else 1.0
             first = residual + later_calls * interval  # when each of the session's next calls starts
+            # P(a's next call is the t-th from now): when from the chain; whether at all from the chain and
+            # from how many calls a has made in the session (agents have their turns and are done)
+            weights = table[1][:, column]
+            chain = float(weights.sum())
+            turns = session.calls_by_agent.get(agent, 0)
+            if turns and i is not None and chain > 1e-9:
+                weights = weights * (w.turns.p_more(turns, i + 1, prior=min(chain, 1.0)) / chain)
             found = inverse[user] = (1.0 / (first[None, :] + later_prompts[:, None] * (spacing * interval))
-                                     ) @ table[1][:, column]
+                                     ) @ weights
             return found
 
         def first_reuse(i: int | None, age: int, pbin: int) -> list[float]:
@@ -873,7 +910,7 @@ class CacheSage(Policy):
     def _workload_state(w: _Workload) -> dict[str, Any]:
         sessions = {
             name: {"latest": st.latest, "last_seen": st.last_seen, "in_tool": st.in_tool, "seen": sorted(st.seen),
-                   "ended": st.ended,
+                   "ended": st.ended, "calls_by_agent": dict(st.calls_by_agent),
                    "handoff_to": st.handoff_to,
                    "steps": [[k, s.agent, s.started, s.ended, s.learned_in] for k, s in st.steps.items()],
                    "prefixes": {agent: [request, hashes] for (agent, sess), (request, hashes) in w.prefix_of.items()
@@ -882,7 +919,7 @@ class CacheSage(Policy):
         }
         n = len(w.model)
         return {"model": w.model.to_state(), "timing": w.timing.arrays[:, :n].tolist(),
-                "reuse": w.reuse.arrays[:, :, :n].tolist(),
+                "reuse_packed": w.reuse.arrays[:, :, :n].tolist(), "turns": w.turns.to_state(),
                 "sessions": sessions}
 
     def forget(self, workloads: Iterable[str]) -> None:
@@ -893,18 +930,20 @@ class CacheSage(Policy):
         for name, saved in state.items():
             w = self._workloads[name] = _Workload(self.config)
             w.model = TransitionModel.from_state(saved["model"])
-            timing = np.asarray(saved["timing"], dtype=np.float32).reshape(4, -1)
-            w.timing.arrays = np.zeros((4, max(8, timing.shape[1])), dtype=np.float32)
-            w.timing.arrays[:, : timing.shape[1]] = timing
-            if saved.get("reuse"):
-                reuse = np.asarray(saved["reuse"], dtype=np.uint8).reshape(AGES, 2 * POSITION_BINS, -1)
-                w.reuse.arrays = np.full((AGES, 2 * POSITION_BINS, max(8, reuse.shape[2])), _Reuse.UNSEEN,
-                                         dtype=np.uint8)
+            if saved.get("timing") is not None:  # left out where its clock is not this one's (a simulated run)
+                timing = np.asarray(saved["timing"], dtype=np.float32).reshape(4, -1)
+                w.timing.arrays = np.zeros((4, max(8, timing.shape[1])), dtype=np.float32)
+                w.timing.arrays[:, : timing.shape[1]] = timing
+            if saved.get("turns"):
+                w.turns.load_state(saved["turns"])
+            if saved.get("reuse_packed"):  # ("reuse", an older encoding, is relearned)
+                reuse = np.asarray(saved["reuse_packed"], dtype=np.uint8).reshape(AGES, 2 * POSITION_BINS, -1)
+                w.reuse.arrays = np.zeros((AGES, 2 * POSITION_BINS, max(8, reuse.shape[2])), dtype=np.uint8)
                 w.reuse.arrays[:, :, : reuse.shape[2]] = reuse
             for session_name, st in saved.get("sessions", {}).items():
                 session = w.sessions[session_name] = _Session(
                     latest=st["latest"], last_seen=st["last_seen"], in_tool=st["in_tool"], handoff_to=st["handoff_to"],
-                    seen=set(st["seen"]), ended=st["ended"])
+                    seen=set(st["seen"]), ended=st["ended"], calls_by_agent=dict(st.get("calls_by_agent", {})))
                 for step, agent, started, ended, learned_in in st["steps"]:
                     session.steps[int(step)] = _Step(agent, started, ended, learned_in)
                 for agent, (request, hashes) in st.get("prefixes", {}).items():

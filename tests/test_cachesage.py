@@ -353,7 +353,11 @@ def test_blocks_their_users_forgot_or_never_reuse_score_zero_and_the_system_prom
         t += 1.0
     scores = sage.score("w", t)
     assert scores["p0-1"] == 0.0  # five prompts ago: forgotten
-    assert scores["p11-1"] < 0.1  # the latest tail: learned never to come back
+    # the latest tail: learned never to come back (its estimate is shrunk, not zero: twelve prompts are evidence,
+    # not certainty), far below the system prompt every prompt reuses
+    w = sage.workload("w")
+    assert w.reuse.hazard(0, w.model.index["coder"], w.blocks["p11-1"].key[-1]) < 0.05
+    assert scores["p11-1"] < scores["sys"]
     assert scores["sys"] > 0.5
 
 
@@ -367,3 +371,68 @@ def test_turnover_follows_the_engine_eviction_rate():
     # 100 resident blocks at 2 evicted per second: 50 s, although only half the rate window was watched
     assert sage._turnover_s(w, 50.0) == pytest.approx(100 / 2, rel=0.1)
     assert CacheSage()._turnover_s(CacheSage().workload("x"), 0.0) == CacheSage().config.horizon_s  # no pressure
+
+
+def test_continuation_learns_that_agents_have_their_turns_from_decided_outcomes_only():
+    from policy_workers.continuation import Continuation
+
+    turns = Continuation()
+    proposer, verifier = 1, 2
+    assert turns.p_more(1, proposer, prior=0.7) == pytest.approx(0.7)  # nothing learned: the prior stands
+    for _ in range(30):  # the proposer speaks once per session, the verifier three times
+        turns.observe_stopped(1, proposer)
+        turns.observe_continued(1, verifier)
+        turns.observe_continued(2, verifier)
+        turns.observe_stopped(3, verifier)
+    assert turns.p_more(1, proposer, prior=0.7) < 0.1
+    assert turns.p_more(1, verifier, prior=0.7) > 0.9
+    assert turns.p_more(3, verifier, prior=0.7) < 0.1
+    # An agent never seen at a count leans on every agent's outcomes there, then on the prior.
+    assert turns.p_more(1, 9, prior=0.7) == pytest.approx(turns.p_more(1, 0, prior=0.7))
+    # Two outcomes are evidence, not certainty.
+    fresh = Continuation()
+    fresh.observe_stopped(1, proposer)
+    fresh.observe_stopped(1, proposer)
+    assert 0.2 < fresh.p_more(1, proposer, prior=0.9) < 0.9
+
+
+def test_an_agent_that_has_had_its_turn_is_worth_less_than_one_that_speaks_again():
+    """Group-chat sessions: a proposer speaks once, then a verifier three times. Once that is learned, the
+    proposer's own blocks in a running session score below the verifier's, although the proposer ran later."""
+    sage = CacheSage()
+    t = 0.0
+    for k in range(20):
+        session = f"s{k}"
+        for step, agent in enumerate(["verifier", "proposer", "verifier", "verifier"]):
+            _prompt(sage, session, agent, step, [f"{session}-{agent}-{step}-{i}" for i in range(4)], t)
+            t += 1.0
+        sage.observe(ev.SessionEnd(workload="w", agent="verifier", time=t, session=session))
+    # A running session: the verifier spoke, then the proposer.
+    _prompt(sage, "live", "verifier", 0, [f"live-verifier-{i}" for i in range(4)], t)
+    _prompt(sage, "live", "proposer", 1, [f"live-proposer-{i}" for i in range(4)], t + 1.0)
+    w = sage.workload("w")
+    assert w.turns.p_more(1, w.model.index["proposer"] + 1, prior=0.5) < 0.2
+    scores = sage.score("w", t + 1.5)
+    # The chain alone sees the proposer follow a verifier once per session (0.79 against 0.90 without turns).
+    assert scores["live-verifier-1"] - scores["live-proposer-1"] > 0.3
+
+
+def test_a_reuse_class_seen_once_is_not_priced_at_zero_and_learning_survives_a_restart():
+    from policy_workers.cachesage import _Reuse
+
+    reuse = _Reuse()
+    reuse.observe(0, [["a", "b"]], ["c"], lambda h, p: 5)  # one prompt: nothing of the previous one reused
+    assert 0.0 < reuse.hazard(0, 0, 5) < 0.5
+    for _ in range(20):
+        reuse.observe(0, [["a", "b"]], ["c"], lambda h, p: 5)
+    assert reuse.hazard(0, 0, 5) < 0.1
+    for _ in range(20):  # drift: now it is always reused
+        reuse.observe(0, [["a", "b"]], ["a", "b"], lambda h, p: 5)
+    assert reuse.hazard(0, 0, 5) > 0.8
+    sage = CacheSage()
+    _prompt(sage, "s", "coder", 0, ["x", "y"], 0.0)
+    _prompt(sage, "s", "coder", 1, ["x", "z"], 1.0)
+    restored = CacheSage()
+    restored.load_state(sage.to_state())
+    assert np.array_equal(restored.workload("w").reuse.arrays[:, :, :1], sage.workload("w").reuse.arrays[:, :, :1])
+    assert np.array_equal(restored.workload("w").turns.counts, sage.workload("w").turns.counts)
