@@ -36,7 +36,8 @@ $(ENGINE_STAMP): pyproject.toml
 
 # The main job: the pipeline on the embedded broker, then CacheSage vs stock vLLM vs the oracle
 # on the real ChatDev trace, side by side in one run (7 to 15 minutes from a fresh clone here,
-# depending on the machine's CPU; the model is sized to the CPU, see docs/evaluation.md). The pins-and-prefetch arm is left to `make eval-all`.
+# depending on the machine's CPU; the model is sized to the CPU, see docs/evaluation.md). CacheSage runs warm
+# (state learned from the workload's other sessions); the cold and pins-and-prefetch arms are left to `make eval-all`.
 demo: install install-engine
 	$(BIN)/agentrt demo
 	$(EBIN)/python -m evaluation.bench --workloads chatdev --repeats 1 --arms stock cachesage oracle \

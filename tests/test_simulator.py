@@ -106,3 +106,24 @@ def test_requests_in_flight_hold_their_blocks_and_a_session_waits_for_its_previo
     uses = block_uses(chatdev)
     assert simulate(chatdev, capacity, Belady(uses), in_flight=8).hit_rate >= held.hit_rate
     assert simulate(chatdev, capacity, LRU(), in_flight=1).hit_rate != held.hit_rate
+
+
+def test_a_warm_state_comes_only_from_sessions_the_replay_does_not_send_and_loads_without_timing():
+    from evaluation.bench import held_out, replay_order
+    from evaluation.simulator import learned_state
+    from policy_workers.cachesage import CacheSage
+
+    chosen, order = replay_order("ag2_captainagent", 120, 10_000)
+    history = held_out("ag2_captainagent", chosen, 300, 4032)
+    assert 0 < len(history) <= 300
+    assert not {c.session for c in history} & set(chosen)  # never the replayed sessions
+    state = learned_state(history, 400, "ag2_captainagent", in_flight=8)
+    saved = state["ag2_captainagent"]
+    assert saved["timing"] is None and saved["sessions"] == {}  # the simulator's clock is not a real one
+    warm = CacheSage()
+    warm.load_state(state)
+    w = warm.workload("ag2_captainagent")
+    assert {c.agent for c in history} <= set(w.model.names)
+    assert w.turns.counts.sum() > 0 and w.reuse.arrays.any()
+    assert not w.timing.arrays.any()
+    assert run_cachesage([c.truncated(4032) for c in order], 400, "ag2_captainagent", policy=warm).calls == len(order)
