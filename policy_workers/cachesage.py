@@ -169,6 +169,7 @@ class _Reuse:
     def __init__(self, strength: float = 2.0) -> None:
         self.strength = strength
         self.arrays = np.zeros((AGES, 2 * POSITION_BINS, 8), dtype=np.uint8)
+        self._everyone: dict[tuple[int, int], float] = {}  # all agents' mean per (age, class), until the next update
 
     def observe(self, i: int, chains: Iterable[list[str]], current: Iterable[str],
                 class_of: Callable[[str, int], int]) -> None:
@@ -178,6 +179,7 @@ class _Reuse:
         """
         while i >= self.arrays.shape[2]:
             self.arrays = np.concatenate([self.arrays, np.zeros_like(self.arrays)], axis=2)
+        self._everyone.clear()
         current = set(current)
         seen: set[str] = set()
         classes = self.arrays.shape[1]
@@ -213,10 +215,12 @@ class _Reuse:
         age = min(age, AGES - 1)
         k = self.strength
         cells = self.arrays[age, position_bin]
-        counts, values = cells >> 6, (cells & 63) / self.LEVELS
-        weights = np.where(counts >= self.SETTLED, self.SETTLED_WEIGHT, counts.astype(float))
-        total = float(weights.sum())
-        everyone = (float((weights * values).sum()) + k * self.PRIOR) / (total + k)
+        everyone = self._everyone.get((age, position_bin))
+        if everyone is None:
+            counts, values = cells >> 6, (cells & 63) / self.LEVELS
+            weights = np.where(counts >= self.SETTLED, self.SETTLED_WEIGHT, counts.astype(float))
+            everyone = self._everyone[(age, position_bin)] = (
+                (float((weights * values).sum()) + k * self.PRIOR) / (float(weights.sum()) + k))
         if i is None or i >= cells.shape[0]:
             return everyone
         count, value = self._unpack(int(cells[i]))
