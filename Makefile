@@ -43,7 +43,8 @@ demo: install install-engine
 	$(EBIN)/python -m evaluation.bench --workloads chatdev --repeats 1 --arms stock cachesage oracle \
 		--out runs/eval --db sqlite:///runs/eval/results.db
 
-# All five workloads, two repeats each (1 to 1.5 hours on 2 cores; magentic_one is a third of it); the tables in BENCHMARKS.md.
+# All five workloads, five arms, two repeats each (about 1.75 hours on 2 cores by session 5's per-arm times; magentic_one
+# is half of it); the tables in BENCHMARKS.md.
 eval-all: install-engine
 	$(EBIN)/python -m evaluation.bench --all --repeats 2 --out runs/eval-all --db sqlite:///runs/eval-all/results.db
 
