@@ -35,7 +35,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Container, Sequence
 
 # Capacity as a fraction of the replayed calls' distinct prompt blocks where eviction order matters
 # (../shared/notes/headroom.md: about 5-10% of the footprint; at 25% LRU is within ~1 pp of optimal).
@@ -231,32 +231,35 @@ def parameters(size: str) -> int:
     return 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + hidden
 
 
-def replay_order(workload: str, calls: int, max_sessions: int) -> tuple[dict, list]:
-    """The trace's first whole sessions (file order) up to ``calls`` calls, and the order a replay sends
-    them in (16 sessions interleaved): (sessions, order)."""
-    from framework_emitter.replayer import interleave
+def _whole_sessions(workload: str, calls: int, max_sessions: int, excluded: Container[str] = ()) -> dict:
+    """The trace's first whole sessions (file order), none of ``excluded``, until ``calls`` calls or
+    ``max_sessions`` sessions."""
     from framework_emitter.traces import read_trace, sessions
 
     chosen: dict = {}
     for name, session_calls in sessions(read_trace(workload)).items():
         if len(chosen) >= max_sessions or sum(map(len, chosen.values())) >= calls:
             break
-        chosen[name] = session_calls
+        if name not in excluded:
+            chosen[name] = session_calls
+    return chosen
+
+
+def replay_order(workload: str, calls: int, max_sessions: int) -> tuple[dict, list]:
+    """The trace's first whole sessions (file order) up to ``calls`` calls, and the order a replay sends
+    them in (16 sessions interleaved): (sessions, order)."""
+    from framework_emitter.replayer import interleave
+
+    chosen = _whole_sessions(workload, calls, max_sessions)
     return chosen, list(interleave(chosen, 16))
 
 
-def held_out(workload: str, replayed: Sequence[str], calls: int, max_prompt_tokens: int) -> list:
+def held_out(workload: str, replayed: Container[str], calls: int, max_prompt_tokens: int) -> list:
     """Up to ``calls`` calls of the workload's sessions that a replay does not send (file order,
     interleaved like a replay): what a worker could have learned from before the measured window."""
     from framework_emitter.replayer import interleave
-    from framework_emitter.traces import read_trace, sessions
 
-    others: dict = {}
-    for name, session_calls in sessions(read_trace(workload)).items():
-        if sum(map(len, others.values())) >= calls:
-            break
-        if name not in replayed:
-            others[name] = session_calls
+    others = _whole_sessions(workload, calls, max_sessions=10**9, excluded=replayed)
     return [c.truncated(max_prompt_tokens) for c in interleave(others, 16)][:calls]
 
 

@@ -204,8 +204,9 @@ class _Reuse:
         self.arrays[age, b, i] = (min(count + 1, self.SETTLED) << 6) | round(value * self.LEVELS)
 
     @classmethod
-    def _unpack(cls, cell: int) -> tuple[int, float]:
-        return cell >> 6, (cell & 63) / cls.LEVELS
+    def _unpack(cls, cells):  # noqa: ANN001, ANN206 - one cell (int) or an array of them
+        """(observations counted, value) of packed cells."""
+        return cells >> 6, (cells & 63) / cls.LEVELS
 
     def _weight(self, count: int) -> float:
         return self.SETTLED_WEIGHT if count >= self.SETTLED else float(count)
@@ -217,7 +218,7 @@ class _Reuse:
         cells = self.arrays[age, position_bin]
         everyone = self._everyone.get((age, position_bin))
         if everyone is None:
-            counts, values = cells >> 6, (cells & 63) / self.LEVELS
+            counts, values = self._unpack(cells)
             weights = np.where(counts >= self.SETTLED, self.SETTLED_WEIGHT, counts.astype(float))
             everyone = self._everyone[(age, position_bin)] = (
                 (float((weights * values).sum()) + k * self.PRIOR) / (float(weights.sum()) + k))
@@ -320,7 +321,7 @@ class _Workload:
             self.born[new] = min(self.born.get(new, born), born)
 
     def learned_nbytes(self) -> int:
-        """Bytes of what was learned about the workload's agents (transitions and timing)."""
+        """Bytes of what was learned about the workload's agents (transitions, timing, reuse hazard, turns)."""
         n = len(self.model)
         return self.model.nbytes() + self.timing.nbytes(n) + self.reuse.nbytes(n) + self.turns.nbytes(n)
 
@@ -579,7 +580,7 @@ class CacheSage(Policy):
             for key in [k for k in w.prefix_of if k[1] in gone]:
                 del w.prefix_of[key]
                 w.earlier.pop(key, None)
-    
+
     def _mean_cycle_s(self, w: _Workload) -> float:
         n = len(w.model)
         if n == 0:
