@@ -30,6 +30,11 @@ class DecisionBook:
         self._remembered_ids = remembered_ids
         self.counters: Counter[str] = Counter()
 
+    @property
+    def steering(self) -> bool:
+        """Any eviction score in force: without one the engine keeps stock LRU order untouched."""
+        return bool(self.block_scores or self.agent_scores)
+
     def apply(self, decision: ev.Decision, now: float) -> bool:
         """Record one decision; False (and counted) if expired, a duplicate or of an unknown kind."""
         if decision.expires_at <= now:

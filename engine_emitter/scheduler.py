@@ -81,6 +81,10 @@ class AgentRuntimeScheduler(Scheduler):
         self.pin_cap_fraction = float(os.environ.get("AGENTRT_PIN_CAP_FRACTION", "0.5"))
         self.default_workload = os.environ.get("AGENTRT_WORKLOAD", "default")
         self._owners: OrderedDict[str, _Owner] = OrderedDict()  # block hash (hex) -> who stored it
+        self._depths: dict[str, int] = {}  # block hash (hex) -> its position in its chain, while attributed
+        self._children: dict[str, set[str]] = {}  # block hash (hex) -> the blocks that follow it in a chain
+        self._parents: dict[str, str] = {}  # block hash (hex) -> the block before it (to unlink it when it goes)
+        self._orphans: set[str] = set()  # cached blocks whose chain lost an earlier block: unreachable
         self._agent_hashes: dict[AgentKey, set[str]] = {}
         self._pinned: dict[int, tuple[Any, float]] = {}  # block_id -> (block, until)
         self._removed: dict[AgentKey, list[str]] = {}
@@ -145,6 +149,10 @@ class AgentRuntimeScheduler(Scheduler):
                 self.free_queue.relevel_all()
                 workloads = {self.default_workload} | {workload for workload, _ in self._agent_hashes}
                 self._owners.clear()
+                self._depths.clear()
+                self._children.clear()
+                self._parents.clear()
+                self._orphans.clear()
                 self._agent_hashes.clear()
                 for workload in sorted(workloads):
                     self._emit(ev.KvAllBlocksCleared(workload=workload, agent="engine", time=time.time()))
@@ -158,14 +166,24 @@ class AgentRuntimeScheduler(Scheduler):
         workload, agent, session = request_identity(request, self.default_workload)
         owner = _Owner(workload, agent, session)
         hashes = []
-        for block in blocks[num_cached_blocks:num_full_blocks]:
+        parent = None
+        if 0 < num_cached_blocks <= len(blocks) and blocks[num_cached_blocks - 1].block_hash is not None:
+            parent = get_block_hash(blocks[num_cached_blocks - 1].block_hash).hex()
+        for position, block in enumerate(blocks[num_cached_blocks:num_full_blocks], start=num_cached_blocks):
             if block.block_hash is None or block.is_null:
+                parent = None
                 continue
             hx = get_block_hash(block.block_hash).hex()
+            if parent is not None:
+                self._children.setdefault(parent, set()).add(hx)
+                self._parents[hx] = parent
+            parent = hx
+            self._orphans.discard(hx)
             previous = self._owners.pop(hx, None)
             if previous is not None:
                 self._agent_hashes.get(previous.key, set()).discard(hx)
             self._owners[hx] = owner
+            self._depths[hx] = position
             self._agent_hashes.setdefault(owner.key, set()).add(hx)
             hashes.append(hx)
         # A request's first report is its whole chain, cache hits included ("full" reporting): a policy
@@ -179,6 +197,9 @@ class AgentRuntimeScheduler(Scheduler):
         limit = 16 * self.block_pool.num_gpu_blocks  # attribution memory, beyond what is resident
         while len(self._owners) > limit:
             hx, old = self._owners.popitem(last=False)
+            self._depths.pop(hx, None)
+            self._unlink(hx)
+            self._children.pop(hx, None)
             self._agent_hashes.get(old.key, set()).discard(hx)
         if agent and num_full_blocks:
             key = (workload, agent, session)
@@ -207,11 +228,43 @@ class AgentRuntimeScheduler(Scheduler):
 
     def _on_block_evicted(self, hx: str) -> None:
         owner = self._owners.pop(hx, None)
+        self._depths.pop(hx, None)
+        self._unlink(hx)
+        self._orphans.discard(hx)
         key = owner.key if owner else (self.default_workload, "")
         if owner:
             self._agent_hashes.get(owner.key, set()).discard(hx)
         self._removed.setdefault(key, []).append(hx)
         self.agentrt_counters["evictions"] += 1
+        self._orphan_descendants(hx)
+
+    def _unlink(self, hx: str) -> None:
+        """Forget the link from the block before ``hx``: a hot head (a shared system prompt) would
+        otherwise collect every continuation ever cached after it."""
+        parent = self._parents.pop(hx, None)
+        if parent is not None:
+            siblings = self._children.get(parent)
+            if siblings is not None:
+                siblings.discard(hx)
+                if not siblings:
+                    del self._children[parent]
+
+    def _orphan_descendants(self, hx: str) -> None:
+        """A hit needs the chain's whole head: once a block's last copy is gone, the blocks after it are dead
+        weight (vLLM recomputes from the first miss, as new copies). Evict them first (when steering)."""
+        steering = self.book.steering
+        stack = list(self._children.pop(hx, ()))
+        while stack:  # through cached blocks only: one recomputed later is whole again
+            child = stack.pop()
+            copies = self._copies(make_block_hash_with_group_id(BlockHash(bytes.fromhex(child)), 0))
+            if child in self._orphans or not copies:
+                continue
+            self._orphans.add(child)
+            stack.extend(self._children.get(child, ()))
+            if steering:
+                for block in copies:
+                    if block.ref_cnt == 0:
+                        self.free_queue.relevel(block)
 
     def _copies(self, block_hash: Any) -> list[Any]:
         """Every block holding this content: vLLM recomputes a chain after its first miss, so a
@@ -231,7 +284,7 @@ class AgentRuntimeScheduler(Scheduler):
 
     def _demote_redundant(self, new_blocks: list[Any]) -> None:
         """Free copies of content just computed again are pure waste: evict them first (when steering)."""
-        if not (self.book.block_scores or self.book.agent_scores):
+        if not self.book.steering:
             return  # no decisions: stock behaviour, duplicates included
         for block in new_blocks:
             if block.block_hash is None:
@@ -243,12 +296,15 @@ class AgentRuntimeScheduler(Scheduler):
     def _level_of(self, block: Any) -> int:
         if block.block_hash is None:
             return 0
-        if not (self.book.block_scores or self.book.agent_scores):
+        if not self.book.steering:
             return NEUTRAL_LEVEL  # no decisions at all: stock LRU order
         if self._redundant(block):
             self.agentrt_counters["redundant_copies_demoted"] += 1
             return 0
         hx = get_block_hash(block.block_hash).hex()
+        if hx in self._orphans:
+            self.agentrt_counters["orphaned_blocks_demoted"] += 1
+            return 0
         owner = self._owners.get(hx)
         score = self.book.score(hx, owner.key if owner else None, self._now)
         if score is None:
@@ -274,7 +330,10 @@ class AgentRuntimeScheduler(Scheduler):
                 self._pin(targets, now)
             elif isinstance(decision, ev.Prefetch):
                 self._prefetch(decision, now)
-        for hx in relevel:
+        # Blocks moving level together go deepest first: within a level the oldest is evicted first, and a
+        # chain whose head goes before its tail loses the whole tail (measured in the simulator: random order
+        # cost CacheSage 0.4-1.8 pp and Belady up to 6 pp).
+        for hx in sorted(relevel, key=lambda h: self._depths.get(h, 0), reverse=True):
             block = self._cached_block(hx)
             if block is not None and block.ref_cnt == 0:
                 self.free_queue.relevel(block)

@@ -284,21 +284,24 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
     from policy_workers.cachesage import CacheSage
 
     from .engine_replay import Arm, OracleArm, PolicyArm, replay
-    from .simulator import LRU, Belady, block_uses, learned_state, run_cachesage, simulate
+    from .simulator import LRU, Belady, learned_state, run_cachesage, simulate
 
     fraction = args.fraction if args.fraction is not None else PRESSURE[workload]
+    sized_for = args.sized_for_in_flight or args.max_in_flight
     chosen, order, sim_calls, footprint, cache_part, batch, capacity = setting(
-        workload, args.calls or CALLS[workload], args.sessions, fraction, args.max_prompt_tokens, args.max_in_flight)
+        workload, args.calls or CALLS[workload], args.sessions, fraction, args.max_prompt_tokens, sized_for)
     setup = {"sessions": len(chosen), "calls": len(order), "footprint_blocks": footprint, "capacity_blocks": capacity,
              "cache_part_blocks": cache_part,
              "fraction": fraction, "model_size": args.model_size, "max_prompt_tokens": args.max_prompt_tokens,
              "max_output_tokens": args.max_output_tokens, "max_in_flight": args.max_in_flight,
+             "capacity_sized_for_in_flight": sized_for,
              "time_scale": args.time_scale, "repeats": args.repeats,
              "dtype": cpu_dtype() if args.dtype == "auto" else args.dtype}
     print(f"\n## {workload}: {len(chosen)} sessions, {len(order)} calls; KV capacity {capacity} blocks of 32 tokens "
           f"= {cache_part} ({fraction:.0%} of the {footprint}-block prefix footprint) + {int(batch)} for "
-          f"the working set of {args.max_in_flight} requests in flight", flush=True)
-    uses = block_uses(sim_calls)
+          f"the working set of {sized_for} requests in flight"
+          + (f"; {args.max_in_flight} in flight (a lighter load on the same engine)"
+             if sized_for != args.max_in_flight else ""), flush=True)
     k = args.max_in_flight
     history = held_out(workload, chosen, args.warm_calls, args.max_prompt_tokens)
     warm = learned_state(history, capacity, workload, in_flight=k) if history else {}
@@ -317,7 +320,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
                  "cachesage": run_cachesage(sim_calls, capacity, workload, in_flight=k,
                                             policy=cachesage(True)).hit_rate,
                  "cachesage-cold": run_cachesage(sim_calls, capacity, workload, in_flight=k).hit_rate,
-                 "oracle": simulate(sim_calls, capacity, Belady(uses), in_flight=k).hit_rate}
+                 "oracle": simulate(sim_calls, capacity, Belady.for_calls(sim_calls), in_flight=k).hit_rate}
     # One block more than the capacity: vLLM keeps one as its null block.
     dtype = setup["dtype"]
     stock_llm = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64, agentrt=False, dtype=dtype)
@@ -407,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt-tokens", type=int, default=4032)
     parser.add_argument("--max-output-tokens", type=int, default=8)
     parser.add_argument("--max-in-flight", type=int, default=8)
+    parser.add_argument("--sized-for-in-flight", type=int, default=None,
+                        help="KV capacity: the pressure band plus the working set of this many requests in flight "
+                             "(default: --max-in-flight); e.g. 8 with --max-in-flight 1 is the default run's engine "
+                             "under a lighter load, where TTFT is a request's own prefill")
     parser.add_argument("--time-scale", type=float, default=0.0, help="tool gaps x this (0: back to back)")
     parser.add_argument("--act-every-s", type=float, default=0.1,
                         help="how often the in-process policy decides (a worker's batch cadence); its time is "

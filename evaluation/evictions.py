@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from framework_emitter.prefix_blocks import block_hashes
 
 from .bench import CALLS, PRESSURE, setting
-from .simulator import LRU, Belady, block_uses, run_cachesage, simulate
+from .simulator import LRU, Belady, block_depths, block_uses, run_cachesage, simulate
 
 BANDS = ((16, "< 16 calls"), (48, "16–47 calls"), (None, ">= 48 calls"))
 
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         "LRU": lambda oc, oe: simulate(calls, capacity, LRU(), in_flight=args.in_flight, on_call=oc, on_evict=oe),
         "CacheSage": lambda oc, oe: run_cachesage(calls, capacity, w, in_flight=args.in_flight,
                                                   observe_sim=(oc, oe)),
-        "Belady": lambda oc, oe: simulate(calls, capacity, Belady(uses), in_flight=args.in_flight, on_call=oc,
-                                          on_evict=oe),
+        "Belady": lambda oc, oe: simulate(calls, capacity, Belady(uses, block_depths(calls)), in_flight=args.in_flight,
+                                          on_call=oc, on_evict=oe),
     }
     for name, run in runs.items():
         hit, found = counted(run)

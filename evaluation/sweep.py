@@ -17,8 +17,8 @@ import argparse
 from framework_emitter.replayer import interleave
 from framework_emitter.traces import WORKLOADS, read_trace, sessions
 
-from .simulator import (LRU, Belady, TTLPinned, block_uses, distinct_blocks, run_cachesage, run_steps_to_execution,
-                        simulate)
+from .simulator import (LRU, Belady, TTLPinned, block_depths, block_uses, distinct_blocks, run_cachesage,
+                        run_steps_to_execution, simulate)
 
 TTL_CALLS = 16  # one round of the 16 interleaved sessions: a session's next call
 
@@ -42,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     for workload in args.workloads:
         calls = list(interleave(sessions(read_trace(workload)), 16))
         total = distinct_blocks(calls)
-        uses = block_uses(calls)
+        future = block_uses(calls), block_depths(calls)  # Belady's input, once per workload
         ceiling = simulate(calls, total + 1, LRU()).hit_rate
         for fraction in args.fractions:
             capacity = int(total * fraction)
             lru = simulate(calls, capacity, LRU()).hit_rate
             ttl = simulate(calls, capacity, TTLPinned(TTL_CALLS)).hit_rate
             steps = run_steps_to_execution(calls, capacity).hit_rate
-            belady = simulate(calls, capacity, Belady(uses)).hit_rate
+            belady = simulate(calls, capacity, Belady(*future)).hit_rate
             sage = run_cachesage(calls, capacity, workload).hit_rate
             gap = belady - lru
             share = f"{(sage - lru) / gap:+.0%}" if gap > 0.005 else "n/a (gap < 0.5 pp)"
@@ -76,16 +76,16 @@ def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, s
         chosen, _, sim_calls, _, _, _, capacity = setting(workload, CALLS[workload], 10_000, PRESSURE[workload],
                                                           4032, in_flight)
         capacity = int(capacities.get(workload, capacity))
-        uses = block_uses(sim_calls)
         history = held_out(workload, chosen, WARM_CALLS, 4032)
-        for k in (1, in_flight):
+        future = block_uses(sim_calls), block_depths(sim_calls)
+        for k in dict.fromkeys((1, in_flight)):  # once when in_flight is 1
             warm = CacheSage()
             if history:
                 warm.load_state(learned_state(history, capacity, workload, in_flight=k))
             lru = simulate(sim_calls, capacity, LRU(), in_flight=k).hit_rate
             cold = run_cachesage(sim_calls, capacity, workload, in_flight=k).hit_rate
             warmed = run_cachesage(sim_calls, capacity, workload, in_flight=k, policy=warm).hit_rate
-            belady = simulate(sim_calls, capacity, Belady(uses), in_flight=k).hit_rate
+            belady = simulate(sim_calls, capacity, Belady(*future), in_flight=k).hit_rate
             print(f"| {workload} | {capacity:,} | {k} | {lru:.3f} | {cold:.3f} | {warmed:.3f} | {belady:.3f} | "
                   f"{share(cold, lru, belady)} | {share(warmed, lru, belady)} |", flush=True)
     return 0

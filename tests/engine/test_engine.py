@@ -99,6 +99,55 @@ def test_a_pin_keeps_the_prefix_and_expires_on_time(fresh, engine_config):
     assert _call(llm, "planner", 2)[0] == 0  # unprotected again, LRU evicts it
 
 
+def test_blocks_rescored_together_lose_their_chain_tail_first(fresh):
+    """A decision moves a whole prefix to one level in one go; vLLM evicts the oldest of a level first, so
+    the tail must go in first or the surviving blocks are unreachable (hits need an unbroken head)."""
+    llm, scheduler = fresh
+    _call(llm, "planner", 0)
+    scheduler.apply_decisions([(_decision(ev.EvictionScore, "planner", f"low-{time.time()}", score=0.05), time.time())])
+    evictions = scheduler.agentrt_counters["evictions"]
+    # Two 17-block prompts need 36 blocks with their outputs: 31 are empty, the rest come from the
+    # planner's 8 (lowest level: evicted before anything else cached).
+    _other_prompts(llm, blocks=17, count=2)
+    evicted = scheduler.agentrt_counters["evictions"] - evictions
+    assert 0 < evicted < PREFIX_TOKENS // 32
+    assert _call(llm, "planner", 1)[0] == PREFIX_TOKENS - evicted * 32
+
+
+def test_blocks_after_an_evicted_block_are_evicted_before_reachable_ones(fresh):
+    """The planner's first block goes (scored lowest) while the rest of its chain is scored high: those
+    7 blocks can never be hit again, so they go before the worker's reachable prefix (neutral)."""
+    llm, scheduler = fresh
+    _call(llm, "planner", 0)
+    _call(llm, "worker-1", 0)
+    planner = sorted(scheduler._agent_hashes[("w", "planner")], key=scheduler._depths.get)
+    now = time.time()
+    scheduler.apply_decisions([
+        (_decision(ev.EvictionScore, "planner", f"head-{now}", score=0.01, block_hashes=(planner[0],)), now),
+        (_decision(ev.EvictionScore, "planner", f"rest-{now}", score=0.9, block_hashes=tuple(planner[1:])), now)])
+    # 23 blocks are empty: a 23-block prompt fits, its first output token evicts one block (the head).
+    _other_prompts(llm, blocks=23, count=1)
+    assert scheduler.agentrt_counters["orphaned_blocks_demoted"] == len(planner) - 1
+    _call(llm, "worker-2", 0)  # 9 blocks, 1 empty: 8 evicted, the unreachable 7 first
+    assert _call(llm, "worker-1", 1)[0] == PREFIX_TOKENS - 32  # stock order would have taken all 8
+    assert _call(llm, "planner", 1)[0] == 0
+    # Chain links are kept for attributed blocks only: evicted ones are unlinked (no growth without bound).
+    linked = set(scheduler._children) | {c for cs in scheduler._children.values() for c in cs}
+    assert linked and linked <= set(scheduler._owners)
+
+
+def _other_prompts(llm, blocks: int, count: int) -> None:
+    """``count`` prompts of ``blocks`` full blocks each from another agent, at once, 4 output tokens each."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    others = [TokensPrompt(prompt_token_ids=[(k * 131 + i * 7) % 4000 + 1 for i in range(blocks * 32)])
+              for k in range(1, count + 1)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                            extra_args={"agentrt.workload": "w", "agentrt.agent": "other", "agentrt.session": "s2"})
+    llm.generate(others, params, use_tqdm=False)
+
+
 def test_the_pin_cap_holds_and_allocation_never_starves(fresh, engine_config):
     llm, scheduler = fresh
     agents = ["planner", "worker-1", "worker-2"]  # 3 x 8 blocks = 24 > the cap of 19
