@@ -321,8 +321,10 @@ class ReplayDriver:
             gap = max(following.t - call.t, 0.0) * self.time_scale
         self.ready_at[call.session] = now + gap
         if self.emitter is not None:
-            self.emitter.step_end(call.session, call.agent, call.seq, output_tokens=output_tokens, request=request_id,
-                                  duration_s=now - sent.submitted, at=now)
+            # The agent's reply is the trace's (later prompts carry it), not the few tokens generated here
+            # to keep runs short: report its length, as framework_emitter.replayer does.
+            self.emitter.step_end(call.session, call.agent, call.seq, output_tokens=call.output_tokens,
+                                  request=request_id, duration_s=now - sent.submitted, at=now)
             if self.remaining[call.session] == 0:
                 self.emitter.session_end(call.session, call.agent, status="completed", at=now)
         return sent

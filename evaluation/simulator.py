@@ -512,18 +512,21 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     def on_finish(i: int, call: TraceCall) -> None:
         now = clock["t"] + 0.5
         sage.observe(ev.AgentStepEnd(workload=workload, agent=call.agent, session=call.session, step=started.pop(i),
-                                     time=now))
+                                     time=now, output_tokens=call.output_tokens))
         remaining[call.session] -= 1
         if not remaining[call.session]:  # the framework knows when a session is over
             sage.observe(ev.SessionEnd(workload=workload, agent=call.agent, session=call.session, time=now))
+        act(now)  # as the engine replay does: a step's finished requests are acted on before the next allocates
 
-    def after_call(i: int, call: TraceCall) -> None:
-        now = clock["t"] + 0.6
+    def act(now: float) -> None:
         touched = []
         for decision in sage.act(workload, now):
             if book.apply(decision, now):
                 touched.extend(decision.block_hashes)
         order.relevel(touched)
+
+    def after_call(i: int, call: TraceCall) -> None:
+        act(clock["t"] + 0.6)
 
     on_evict = evicted.append
     if observe_sim is not None:

@@ -17,7 +17,8 @@ next), then the number of calls until a runs (its distribution from the
 transition chain) at the session's call interval; and the reuse probabilities
 come from a learned hazard by prompt age (agents alternate prompt families: a
 new phase keeps the system prompt but not the conversation, and a family often
-comes back a call later). A block shared by several agents or sessions is worth
+comes back a call later) and by the reply the prompt got (a long one tends to
+close the conversation). A block shared by several agents or sessions is worth
 all of its expected reuses; one used only by an ended session is worth nothing.
 
 Acts: eviction scores (bucketed, only when a block's bucket changes),
@@ -32,7 +33,7 @@ import hashlib
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -132,10 +133,21 @@ class _Block:
 
 
 # Chain positions (in blocks) at which prompt retention is learned; a block uses the bin it falls in.
-RETENTION_BOUNDS = (0, 1, 2, 4, 8, 12, 16, 24, 32, 64, 128, 256)
+RETENTION_BOUNDS = (0, 4, 8, 12, 16, 24, 32, 64, 128)
 
 
 POSITION_BINS = len(RETENTION_BOUNDS)
+# A block's class: its position bin; + POSITION_BINS once a second prompt has used it; + LONG_REPLY while
+# only one prompt has, if that prompt got a longer reply than its agent's usual (a long reply, code or a
+# report, tends to close a conversation whose next prompt starts afresh; a short one, a tool call or
+# an acknowledgement, tends to be followed by the same conversation).
+LONG_REPLY = 2 * POSITION_BINS
+CLASSES = 3 * POSITION_BINS
+
+
+def reply_class(block_class: int, long_reply: bool) -> int:
+    """The block's class given its prompt's reply (known once the step ended; unknown counts as short)."""
+    return block_class + LONG_REPLY if long_reply and block_class < POSITION_BINS else block_class
 
 
 def position_bin(position: int) -> int:
@@ -149,7 +161,9 @@ class _Reuse:
     A block's age for a user is how many prompts ago the user last had it (0:
     its latest prompt). Agents alternate prompt families (a role prompt per
     phase or per peer), so a block the latest prompt dropped often comes back a
-    few calls later: this is the hazard of reuse by age.
+    few calls later: this is the hazard of reuse by age. Cells are per block
+    class (``reply_class``): chain position bin, whether a second prompt has
+    used the block, and whether the prompt's reply was long for its agent.
 
     Each prompt is one observation: the reused fraction of the blocks in a
     class. A cell keeps a running mean of its first observations, then an
@@ -168,11 +182,23 @@ class _Reuse:
 
     def __init__(self, strength: float = 2.0) -> None:
         self.strength = strength
-        self.arrays = np.zeros((AGES, 2 * POSITION_BINS, 8), dtype=np.uint8)
+        self.arrays = np.zeros((AGES, CLASSES, 8), dtype=np.uint8)
+        self.typical_reply = np.zeros(8, dtype=np.float16)  # per agent: EWMA of log(1 + reply tokens)
         self._everyone: dict[tuple[int, int], float] = {}  # all agents' mean per (age, class), until the next update
 
+    def long_reply(self, i: int, output_tokens: int | None) -> bool:
+        """Whether a reply is longer than the agent's typical one so far (False when unknown); then learn it."""
+        if output_tokens is None or output_tokens < 0:
+            return False
+        while i >= self.typical_reply.shape[0]:
+            self.typical_reply = np.concatenate([self.typical_reply, np.zeros_like(self.typical_reply)])
+        value = math.log1p(output_tokens)
+        typical = float(self.typical_reply[i])
+        self.typical_reply[i] = value if typical == 0 else typical + self.ALPHA * (value - typical)
+        return typical > 0 and value > typical
+
     def observe(self, i: int, chains: Iterable[list[str]], current: Iterable[str],
-                class_of: Callable[[str, int], int]) -> None:
+                class_of: Callable[[str, int], int], long_replies: Sequence[bool] = ()) -> None:
         """Learn from a new prompt (``current``) which blocks of the user's earlier prompts (newest first) it reused.
 
         ``class_of(hash, position)`` is the block's class before this prompt used it.
@@ -190,7 +216,7 @@ class _Reuse:
                 if block_hash in seen:
                     continue  # younger in a newer prompt
                 seen.add(block_hash)
-                b = class_of(block_hash, p)
+                b = reply_class(class_of(block_hash, p), age < len(long_replies) and long_replies[age])
                 total[b] += 1
                 reused[b] += block_hash in current
             for b, n in enumerate(total):
@@ -229,7 +255,7 @@ class _Reuse:
         return (weight * value + k * everyone) / (weight + k)
 
     def nbytes(self, n: int) -> int:
-        return self.arrays.shape[0] * self.arrays.shape[1] * n * self.arrays.itemsize
+        return self.arrays.shape[0] * self.arrays.shape[1] * n * self.arrays.itemsize + n * self.typical_reply.itemsize
 
 
 class _AgentTiming:
@@ -279,6 +305,8 @@ class _Workload:
         self.blocks: OrderedDict[str, _Block] = OrderedDict()
         self.prefix_of: dict[tuple[str, str], tuple[str | None, list[str]]] = {}  # (agent, session) -> (request, hashes)
         self.earlier: dict[tuple[str, str], deque] = {}  # (agent, session) -> its earlier prompts' chains, newest last
+        # (agent, session) -> whether each of its prompts got a long reply, newest first (aligned with ages)
+        self.replies: dict[tuple[str, str], deque] = {}
         # Resident blocks grouped by key (same users => same score): act works per group, not per block.
         self.groups: dict[tuple, set[str]] = {}
         self.emitted: dict[tuple, tuple[int, float]] = {}  # group key -> (bucket, when) last decided
@@ -380,6 +408,7 @@ class CacheSage(Policy):
         for key in [k for k in w.prefix_of if k[1] == event.session]:
             del w.prefix_of[key]
             w.earlier.pop(key, None)
+            w.replies.pop(key, None)
 
     def _on_step_start(self, w: _Workload, event: ev.AgentStepStart) -> None:
         session = self._session(w, event)
@@ -435,6 +464,9 @@ class CacheSage(Policy):
         duration = event.duration_s if event.duration_s is not None else event.time - current.started
         i = w.model.agent_id(event.agent)
         w.timing.update(STEP_S, i, max(duration, 0.0))
+        replies = w.replies.get((event.agent, event.session))
+        if replies:
+            replies[0] = w.reuse.long_reply(i, event.output_tokens)
         after = session.steps.get(step + 1)
         if after is not None:
             w.timing.update(GAP_S, w.model.agent_id(after.agent), max(after.started - event.time, 0.0))
@@ -525,6 +557,7 @@ class CacheSage(Policy):
             else:
                 if hashes:  # a new prompt: the previous one joins the user's earlier prompts
                     self._new_prompt(w, user, hashes, event, classes_before)
+                w.replies.setdefault(user, deque(maxlen=AGES)).appendleft(False)
                 hashes = list(event.block_hashes)
             w.prefix_of[user] = (event.request, hashes)
         while len(w.blocks) > self.config.max_blocks:
@@ -546,7 +579,8 @@ class CacheSage(Policy):
             return block.key[-1] if block is not None else position_bin(position)
 
         if event.start_index == 0:  # the whole chain: what it reused is known
-            w.reuse.observe(w.model.agent_id(event.agent), chains, event.block_hashes, class_of)
+            w.reuse.observe(w.model.agent_id(event.agent), chains, event.block_hashes, class_of,
+                            list(w.replies.get(user, ())))
         current = set(event.block_hashes)
         older = {h for chain in chains for h in chain if h not in current}
         self._rekey(w, user, older, self._aged)
@@ -580,6 +614,7 @@ class CacheSage(Policy):
             for key in [k for k in w.prefix_of if k[1] in gone]:
                 del w.prefix_of[key]
                 w.earlier.pop(key, None)
+                w.replies.pop(key, None)
 
     def _mean_cycle_s(self, w: _Workload) -> float:
         n = len(w.model)
@@ -756,6 +791,8 @@ class CacheSage(Policy):
             times = inverse_times(user)
             if times is None:
                 return 0.0
+            replies = w.replies.get(user)
+            pbin = reply_class(pbin, bool(replies) and age < len(replies) and replies[age])
             return sum(p * t for p, t in zip(first_reuse(w.model.index.get(user[0]), age, pbin), times))
 
         def key_score(key: tuple, born: float) -> float:
@@ -839,7 +876,7 @@ class CacheSage(Policy):
         w.dirty.clear()
         return out
 
-    def _kept_prefix(self, w: _Workload, i: int | None, latest: list[str]) -> list[str]:
+    def _kept_prefix(self, w: _Workload, i: int | None, latest: list[str], long_reply: bool) -> list[str]:
         """The leading blocks of the agent's latest prompt that its next prompt probably keeps.
 
         Pins and prefetches cover only these: recomputing a conversation tail
@@ -848,7 +885,7 @@ class CacheSage(Policy):
         kept = []
         for position, block_hash in enumerate(latest):
             block = w.blocks.get(block_hash)
-            cls = block.key[-1] if block is not None else position_bin(position)
+            cls = reply_class(block.key[-1] if block is not None else position_bin(position), long_reply)
             if w.reuse.hazard(0, i, cls) < self.config.keep_threshold:
                 break
             kept.append(block_hash)
@@ -869,7 +906,8 @@ class CacheSage(Policy):
                 continue  # one pin/prefetch per predicted call
             _, latest = w.prefix_of.get((agent, name), (None, []))
             i = w.model.index.get(agent)
-            hashes = self._kept_prefix(w, i, latest)
+            replies = w.replies.get((agent, name))
+            hashes = self._kept_prefix(w, i, latest, bool(replies) and replies[0])
             if not hashes:
                 continue
             resident = [h for h in hashes if h in w.blocks and w.blocks[h].resident]
@@ -924,7 +962,8 @@ class CacheSage(Policy):
         }
         n = len(w.model)
         return {"model": w.model.to_state(), "timing": w.timing.arrays[:, :n].tolist(),
-                "reuse_packed": w.reuse.arrays[:, :, :n].tolist(), "turns": w.turns.to_state(),
+                "reuse_packed": w.reuse.arrays[:, :, :n].tolist(),
+                "typical_reply": w.reuse.typical_reply[:n].tolist(), "turns": w.turns.to_state(),
                 "sessions": sessions}
 
     def forget(self, workloads: Iterable[str]) -> None:
@@ -942,9 +981,12 @@ class CacheSage(Policy):
             if saved.get("turns"):
                 w.turns.load_state(saved["turns"])
             if saved.get("reuse_packed"):  # ("reuse", an older encoding, is relearned)
-                reuse = np.asarray(saved["reuse_packed"], dtype=np.uint8).reshape(AGES, 2 * POSITION_BINS, -1)
-                w.reuse.arrays = np.zeros((AGES, 2 * POSITION_BINS, max(8, reuse.shape[2])), dtype=np.uint8)
+                reuse = np.asarray(saved["reuse_packed"], dtype=np.uint8).reshape(AGES, CLASSES, -1)
+                w.reuse.arrays = np.zeros((AGES, CLASSES, max(8, reuse.shape[2])), dtype=np.uint8)
                 w.reuse.arrays[:, :, : reuse.shape[2]] = reuse
+                typical = np.asarray(saved.get("typical_reply", []), dtype=np.float16)
+                w.reuse.typical_reply = np.zeros(max(8, len(typical)), dtype=np.float16)
+                w.reuse.typical_reply[: len(typical)] = typical
             for session_name, st in saved.get("sessions", {}).items():
                 session = w.sessions[session_name] = _Session(
                     latest=st["latest"], last_seen=st["last_seen"], in_tool=st["in_tool"], handoff_to=st["handoff_to"],

@@ -313,18 +313,20 @@ def test_previous_agent_makes_learning_immune_to_any_partition_skew():
     assert sage.skipped == {"duplicate_step": 10}
 
 
-def _prompt(sage: CacheSage, session: str, agent: str, step: int, chain: list[str], t: float) -> None:
+def _prompt(sage: CacheSage, session: str, agent: str, step: int, chain: list[str], t: float,
+            reply_tokens: int | None = None) -> None:
     sage.observe(ev.AgentStepStart(workload="w", agent=agent, time=t, session=session, step=step,
                                    prefix_fingerprint="f", prefix_tokens=32 * len(chain)))
     sage.observe(ev.KvBlocksStored(workload="w", agent=agent, time=t + 0.1, session=session,
                                    request=f"{session}-{step}", block_hashes=tuple(chain), block_size=32))
-    sage.observe(ev.AgentStepEnd(workload="w", agent=agent, time=t + 0.5, session=session, step=step))
+    sage.observe(ev.AgentStepEnd(workload="w", agent=agent, time=t + 0.5, session=session, step=step,
+                                 output_tokens=reply_tokens))
 
 
 def test_reuse_hazard_learns_prompt_families_that_come_back_a_call_later():
     """An agent alternating two prompt families (one per peer) reuses the other family's blocks at age 1,
     never the latest prompt's tail at age 0; the system prompt at any age."""
-    from policy_workers.cachesage import position_bin
+    from policy_workers.cachesage import POSITION_BINS, position_bin
 
     sage = CacheSage()
     t = 0.0
@@ -340,15 +342,45 @@ def test_reuse_hazard_learns_prompt_families_that_come_back_a_call_later():
     i = w.model.index["coder"]
     tail, head = position_bin(12), position_bin(4)
     assert w.reuse.hazard(0, i, head) > 0.9  # the system prompt is in every prompt
-    assert w.reuse.hazard(0, i, tail + 12) < 0.1  # the latest family's tail: not in the next prompt
-    assert w.reuse.hazard(1, i, tail + 12) > 0.9  # ...but in the one after
+    assert w.reuse.hazard(0, i, tail + POSITION_BINS) < 0.1  # the latest family's tail: not in the next prompt
+    assert w.reuse.hazard(1, i, tail + POSITION_BINS) > 0.9  # ...but in the one after
+
+
+def test_a_reply_longer_than_the_agents_usual_closes_the_conversation_the_next_prompt_extends():
+    """Three tool-calling turns (short replies) extend one conversation; the fourth, the answer (a long reply),
+    closes it and the agent's next prompt starts afresh. Which tails come back is learned per reply class."""
+    from policy_workers.cachesage import position_bin, reply_class
+
+    sage = CacheSage()
+    t = 0.0
+    for k in range(12):
+        session = f"s{k}"
+        for step in range(12):
+            turn, conversation = step % 4, step // 4
+            chain = [f"sys-{k}-{i}" for i in range(8)] + [f"c{conversation}-{k}-{i}" for i in range(4 + 4 * turn)]
+            _prompt(sage, session, "coder", step, chain, t, reply_tokens=2000 if turn == 3 else 60)
+            t += 1.0
+        sage.observe(ev.SessionEnd(workload="w", agent="coder", time=t, session=session))
+    w = sage.workload("w")
+    i = w.model.index["coder"]
+    tail = position_bin(20)  # the blocks a turn added, before a second prompt has used them
+    assert w.reuse.hazard(0, i, reply_class(tail, False)) > 0.9  # after a tool call: extended
+    assert w.reuse.hazard(0, i, reply_class(tail, True)) < 0.1  # after the answer: left
+    # A live session's blocks score by the reply their prompt got.
+    for session, reply in (("a", 60), ("b", 2000)):
+        _prompt(sage, session, "coder", 0, [f"{session}-{i}" for i in range(24)], t, reply_tokens=reply)
+    scores = sage.score("w", t + 1)
+    assert scores["a-20"] > scores["b-20"]
+    restored = CacheSage()
+    restored.load_state(sage.to_state())
+    assert np.array_equal(restored.workload("w").reuse.typical_reply[:1], w.reuse.typical_reply[:1])
 
 
 def test_blocks_their_users_forgot_or_never_reuse_score_zero_and_the_system_prompt_high():
     sage = CacheSage()
     t = 0.0
-    for step in range(12):  # every prompt: the system prompt block, then a tail never seen again
-        chain = ["sys"] + [f"p{step}-{i}" for i in range(4)]
+    for step in range(12):  # every prompt: the system prompt's blocks, then a tail never seen again
+        chain = [f"sys-{i}" for i in range(4)] + [f"p{step}-{i}" for i in range(4)]
         _prompt(sage, "live", "coder", step, chain, t)
         t += 1.0
     scores = sage.score("w", t)
@@ -357,8 +389,8 @@ def test_blocks_their_users_forgot_or_never_reuse_score_zero_and_the_system_prom
     # not certainty), far below the system prompt every prompt reuses
     w = sage.workload("w")
     assert w.reuse.hazard(0, w.model.index["coder"], w.blocks["p11-1"].key[-1]) < 0.05
-    assert scores["p11-1"] < scores["sys"]
-    assert scores["sys"] > 0.5
+    assert scores["p11-1"] < scores["sys-0"]
+    assert scores["sys-0"] > 0.5
 
 
 def test_turnover_follows_the_engine_eviction_rate():
