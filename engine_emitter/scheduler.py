@@ -461,6 +461,9 @@ class AgentRuntimeScheduler(Scheduler):
             stats = request.prefill_stats
             cached = stats.num_cached_tokens if stats is not None else 0
             self._timing[request.request_id] = {"scheduled_at": now, "cached": cached}
+            if (request.sampling_params.extra_args or {}).get("agentrt.prefetch"):
+                # What a prefetch costs is what it computes: its resident head is a hit like any request's.
+                self.agentrt_counters["prefetch_computed_tokens"] += request.num_prompt_tokens - cached
             self._report_chain(request, workload, agent, session, now)
             if agent:
                 self._emit(ev.RequestScheduled(workload=workload, agent=agent, session=session, time=now,

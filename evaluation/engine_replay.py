@@ -66,7 +66,7 @@ class ArmResult:
     calls: list[CallResult]
     wall_s: float
     output_tokens: int
-    prefetch_tokens: int = 0
+    prefetch_tokens: int = 0  # prompt tokens the prefetches computed (their resident heads were hits)
     counters: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -348,7 +348,7 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
     if not runtime and type(arm) is not Arm:
         raise RuntimeError(f"arm {arm.name!r} needs AgentRuntimeScheduler in this process")
     emitter = arm.attach(scheduler, workload) if runtime else None
-    prefetch_before = scheduler.agentrt_counters["prefetch_prompt_tokens"] if runtime else 0
+    prefetch_before = scheduler.agentrt_counters["prefetch_computed_tokens"] if runtime else 0
     driver = ReplayDriver(order, workload=workload, vocab_size=vocab_size, max_prompt_tokens=max_prompt_tokens,
                           max_output_tokens=max_output_tokens, max_in_flight=max_in_flight, time_scale=time_scale,
                           emitter=emitter)
@@ -394,6 +394,6 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
     prefetch = 0
     counters: dict[str, Any] = {}
     if runtime:
-        prefetch = scheduler.agentrt_counters["prefetch_prompt_tokens"] - prefetch_before
+        prefetch = scheduler.agentrt_counters["prefetch_computed_tokens"] - prefetch_before
         counters = dict(scheduler.agentrt_counters)
     return ArmResult(arm.name, driver.results, time.perf_counter() - began, driver.output_tokens, prefetch, counters)

@@ -962,7 +962,7 @@ class CacheSage(Policy):
         }
         n = len(w.model)
         return {"model": w.model.to_state(), "timing": w.timing.arrays[:, :n].tolist(),
-                "reuse_packed": w.reuse.arrays[:, :, :n].tolist(),
+                "reuse_packed": w.reuse.arrays[:, :, :n].tolist(), "reuse_classes": CLASSES,
                 "typical_reply": w.reuse.typical_reply[:n].tolist(), "turns": w.turns.to_state(),
                 "sessions": sessions}
 
@@ -980,7 +980,8 @@ class CacheSage(Policy):
                 w.timing.arrays[:, : timing.shape[1]] = timing
             if saved.get("turns"):
                 w.turns.load_state(saved["turns"])
-            if saved.get("reuse_packed"):  # ("reuse", an older encoding, is relearned)
+            # Another class layout (an older version's, or "reuse", an older encoding) is relearned.
+            if saved.get("reuse_packed") and saved.get("reuse_classes") == CLASSES:
                 reuse = np.asarray(saved["reuse_packed"], dtype=np.uint8).reshape(AGES, CLASSES, -1)
                 w.reuse.arrays = np.zeros((AGES, CLASSES, max(8, reuse.shape[2])), dtype=np.uint8)
                 w.reuse.arrays[:, :, : reuse.shape[2]] = reuse

@@ -468,3 +468,10 @@ def test_a_reuse_class_seen_once_is_not_priced_at_zero_and_learning_survives_a_r
     restored.load_state(sage.to_state())
     assert np.array_equal(restored.workload("w").reuse.arrays[:, :, :1], sage.workload("w").reuse.arrays[:, :, :1])
     assert np.array_equal(restored.workload("w").turns.counts, sage.workload("w").turns.counts)
+    # A state saved with another class layout (an older version's) is relearned, not misread.
+    older = sage.to_state()
+    older["w"].pop("reuse_classes")
+    older["w"]["reuse_packed"] = np.full((4, 24, 1), 200).tolist()
+    relearning = CacheSage()
+    relearning.load_state(older)
+    assert not relearning.workload("w").reuse.arrays.any()

@@ -251,11 +251,14 @@ def test_prefetch_restores_an_evicted_prefix_before_the_call(fresh, engine_confi
     for worker in WORKERS:
         _call(llm, worker, 0)  # stock LRU has evicted the planner's prefix by now
     issued = scheduler.agentrt_counters["prefetches_issued"]
+    computed = scheduler.agentrt_counters["prefetch_computed_tokens"]
     before = scheduler.feed.counters["received"]
     _publish(engine_config, _decision(ev.Prefetch, "planner", f"pf-{time.time()}", session="s1", probability=0.9))
     _delivered(scheduler, before + 1)
     _call(llm, "reviewer", 0)  # any step applies it; the prefetch runs beside this request
     assert scheduler.agentrt_counters["prefetches_issued"] == issued + 1
+    # Its cost is the tokens it computed: the evicted prefix, none of the reviewer's.
+    assert 0 < scheduler.agentrt_counters["prefetch_computed_tokens"] - computed <= PREFIX_TOKENS
     assert _call(llm, "planner", 1)[0] == PREFIX_TOKENS
     # A prefix already resident is not prefetched again.
     before = scheduler.feed.counters["received"]
