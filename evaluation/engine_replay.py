@@ -117,22 +117,35 @@ class PolicyArm(Arm):
         self.name = name or policy.name
         self.act_every_s = act_every_s
         self._last_act = 0.0
+        # Seconds of the engine's thread this arm spent on the policy and on applying its decisions.
+        self.cost_s = {"observe": 0.0, "act": 0.0, "apply": 0.0}
+        self.decisions = 0
+
+    def _observe(self, event: Any) -> None:
+        began = time.perf_counter()
+        self.policy.observe(event)
+        self.cost_s["observe"] += time.perf_counter() - began
 
     def attach(self, scheduler: Any, workload: str) -> AgentEventEmitter:
         self.scheduler, self.workload = scheduler, workload
-        scheduler.observers.append(self.policy.observe)
-        return AgentEventEmitter(CallbackSink(self.policy.observe), workload)
+        scheduler.observers.append(self._observe)
+        return AgentEventEmitter(CallbackSink(self._observe), workload)
 
     def after_step(self, now: float) -> None:
         if now - self._last_act < self.act_every_s:
             return
         self._last_act = now
+        began = time.perf_counter()
         decisions = self.policy.act(self.workload, now)
+        acted = time.perf_counter()
+        self.cost_s["act"] += acted - began
         if decisions:
+            self.decisions += len(decisions)
             self.scheduler.apply_decisions([(d, now) for d in decisions])
+            self.cost_s["apply"] += time.perf_counter() - acted
 
     def detach(self) -> None:
-        self.scheduler.observers.remove(self.policy.observe)
+        self.scheduler.observers.remove(self._observe)
 
 
 class OracleArm(Arm):
