@@ -54,9 +54,14 @@ NEUTRAL_SCORE = 0.5  # blocks no decision speaks of sit between low- and high-va
 NEUTRAL_LEVEL = 1 + min(int(NEUTRAL_SCORE * SCORE_LEVELS), SCORE_LEVELS - 1)
 
 
+def request_tags(request: Any) -> dict[str, Any]:
+    """The agentrt tags a request carries (its sampling params' ``extra_args``); empty when none."""
+    return getattr(request.sampling_params, "extra_args", None) or {}
+
+
 def request_identity(request: Any, default_workload: str) -> tuple[str, str, str | None]:
     """(workload, agent, session) of a vLLM request; agent '' when the framework sent none."""
-    extra = getattr(request.sampling_params, "extra_args", None) or {}
+    extra = request_tags(request)
     session = extra.get("agentrt.session") or getattr(request, "session_id", None)
     return (str(extra.get("agentrt.workload") or default_workload), str(extra.get("agentrt.agent") or ""),
             None if session is None else str(session))
@@ -461,7 +466,7 @@ class AgentRuntimeScheduler(Scheduler):
             stats = request.prefill_stats
             cached = stats.num_cached_tokens if stats is not None else 0
             self._timing[request.request_id] = {"scheduled_at": now, "cached": cached}
-            if (request.sampling_params.extra_args or {}).get("agentrt.prefetch"):
+            if request_tags(request).get("agentrt.prefetch"):
                 # What a prefetch costs is what it computes: its resident head is a hit like any request's.
                 self.agentrt_counters["prefetch_computed_tokens"] += request.num_prompt_tokens - cached
             self._report_chain(request, workload, agent, session, now)
