@@ -301,6 +301,7 @@ class _Workload:
         self.timing = _AgentTiming()
         self.reuse = _Reuse()
         self.turns = Continuation()  # P(an agent that has made n calls in its session makes another); key: agent index + 1
+        self.spread = Continuation()  # P(a block n sessions have used gets another session); pooled key only
         self.sessions: dict[str, _Session] = {}
         self.blocks: OrderedDict[str, _Block] = OrderedDict()
         self.prefix_of: dict[tuple[str, str], tuple[str | None, list[str]]] = {}  # (agent, session) -> (request, hashes)
@@ -349,9 +350,10 @@ class _Workload:
             self.born[new] = min(self.born.get(new, born), born)
 
     def learned_nbytes(self) -> int:
-        """Bytes of what was learned about the workload's agents (transitions, timing, reuse hazard, turns)."""
+        """Bytes of what was learned about the workload's agents (transitions, timing, reuse hazard, turns, spread)."""
         n = len(self.model)
-        return self.model.nbytes() + self.timing.nbytes(n) + self.reuse.nbytes(n) + self.turns.nbytes(n)
+        return (self.model.nbytes() + self.timing.nbytes(n) + self.reuse.nbytes(n) + self.turns.nbytes(n)
+                + self.spread.nbytes(0))
 
 
 class CacheSage(Policy):
@@ -405,10 +407,35 @@ class CacheSage(Policy):
                 w.turns.observe_stopped(turns, w.model.agent_id(agent) + 1)
         session.ended, session.in_tool, session.handoff_to = True, False, None
         session.steps.clear()
+        self._spread_stopped(w, event.session)
         for key in [k for k in w.prefix_of if k[1] == event.session]:
             del w.prefix_of[key]
             w.earlier.pop(key, None)
             w.replies.pop(key, None)
+
+    def _spread_stopped(self, w: _Workload, name: str) -> None:
+        """Every session of these blocks has ended: so far, they stop at the sessions they have (censored:
+        a later session's reuse revives the outcome, see ``_spread``)."""
+        keys = set()
+        for (agent, session), (_, latest) in w.prefix_of.items():
+            if session == name:
+                for chain in (latest, *w.earlier.get((agent, session), ())):
+                    keys.update(w.blocks[h].key for h in chain if h in w.blocks)
+        for key in keys:
+            sessions = _sessions_of(key)
+            if all(w.sessions.get(s) is None or w.sessions[s].ended for s in sessions):
+                w.spread.observe_stopped(max(key[-2], len(sessions)), 0)
+
+    def _spread(self, w: _Workload, key: tuple, session: str) -> None:
+        """A block with ``key`` is used by ``session``: if it is new to the block, the block spread."""
+        sessions = _sessions_of(key)
+        if not sessions or session in sessions:
+            return
+        n = max(key[-2], len(sessions))
+        if all(w.sessions.get(s) is None or w.sessions[s].ended for s in sessions):
+            w.spread.observe_revived(n, 0)  # counted as stopped when its last session ended
+        else:
+            w.spread.observe_continued(n, 0)
 
     def _on_step_start(self, w: _Workload, event: ev.AgentStepStart) -> None:
         session = self._session(w, event)
@@ -486,9 +513,10 @@ class CacheSage(Policy):
         if ages[0] and ages[0][-1] == user and not any(user in users for users in ages[1:]):
             return key
         cap = self.config.max_users_per_block
+        if user[1] not in {session for users in ages for _, session in users}:
+            shared += 1  # counted past the users kept: a prompt every session reads has its true count
         ages = [tuple(u for u in users if u != user) for users in ages]
         ages[0] = (*ages[0], user)[-cap:]
-        shared = max(shared, len({session for users in ages for _, session in users}))
         return (*ages, shared, pbin)
 
     def _aged(self, key: tuple, user: tuple[str, str]) -> tuple:
@@ -540,6 +568,7 @@ class CacheSage(Policy):
             if user is not None:
                 new = new_keys.get(old)
                 if new is None:
+                    self._spread(w, old, user[1])
                     new = new_keys[old] = self._with_user(old, user)
             if block.request != event.request and new[-1] < POSITION_BINS:  # a second prompt uses it
                 classes_before[block_hash] = new[-1]
@@ -708,6 +737,7 @@ class CacheSage(Policy):
         pmfs: dict[tuple, tuple[dict[str, int], np.ndarray]] = {}
         timing: dict[str, tuple[float, float]] = {}
         factors: dict[tuple, float] = {}
+        spread: dict[int, float] = {}
         by_key: dict[tuple, float] = {}
 
         def pmf_of(session: _Session) -> tuple[dict[str, int], np.ndarray] | None:
@@ -807,8 +837,11 @@ class CacheSage(Policy):
                     if f is None:
                         f = factors[(user, age, pbin)] = user_density(user, age, pbin)
                     density += f
-            if sessions >= 2:  # other sessions reuse it at the rate new sessions have so far
-                density += (sessions - 1) / max(now - born, cycle)
+            if sessions >= 2:  # other sessions reuse it at the rate new sessions have so far, if any more do
+                p = spread.get(sessions)
+                if p is None:
+                    p = spread[sessions] = w.spread.p_more(sessions, 0, prior=1.0)
+                density += p * (sessions - 1) / max(now - born, cycle)
             if density <= 0:
                 score = 0.0
             else:
@@ -964,6 +997,7 @@ class CacheSage(Policy):
         return {"model": w.model.to_state(), "timing": w.timing.arrays[:, :n].tolist(),
                 "reuse_packed": w.reuse.arrays[:, :, :n].tolist(), "reuse_classes": CLASSES,
                 "typical_reply": w.reuse.typical_reply[:n].tolist(), "turns": w.turns.to_state(),
+                "spread": w.spread.to_state(),
                 "sessions": sessions}
 
     def forget(self, workloads: Iterable[str]) -> None:
@@ -980,6 +1014,8 @@ class CacheSage(Policy):
                 w.timing.arrays[:, : timing.shape[1]] = timing
             if saved.get("turns"):
                 w.turns.load_state(saved["turns"])
+            if saved.get("spread"):
+                w.spread.load_state(saved["spread"])
             # Another class layout (an older version's, or "reuse", an older encoding) is relearned.
             if saved.get("reuse_packed") and saved.get("reuse_classes") == CLASSES:
                 reuse = np.asarray(saved["reuse_packed"], dtype=np.uint8).reshape(AGES, CLASSES, -1)
@@ -996,6 +1032,10 @@ class CacheSage(Policy):
                     session.steps[int(step)] = _Step(agent, started, ended, learned_in)
                 for agent, (request, hashes) in st.get("prefixes", {}).items():
                     w.prefix_of[(agent, session_name)] = (request, list(hashes))
+
+
+def _sessions_of(key: tuple) -> set[str]:
+    return {session for users in key[: FORGOTTEN + 1] for _, session in users}
 
 
 _HANDLERS = {

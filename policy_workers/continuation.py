@@ -47,6 +47,13 @@ class Continuation:
         """The session ended with the agent (key) at ``n`` calls."""
         self._observe(n, key, 1)
 
+    def observe_revived(self, n: int, key: int) -> None:
+        """An outcome counted as stopped at ``n`` turned out to continue (a censored stop, corrected)."""
+        n = min(max(n, 0), self.max_calls)
+        for row in {POOLED, key}:
+            self.counts[row, n, 1] = max(float(self.counts[row, n, 1]) - 1.0, 0.0)
+            self.counts[row, n, 0] += 1.0
+
     def p_more(self, n: int, key: int, prior: float) -> float:
         """P(the agent calls again | ``n`` calls so far in the session), shrunk toward ``prior``."""
         n = min(max(n, 0), self.max_calls)

@@ -188,6 +188,32 @@ def test_a_block_shared_across_sessions_is_worth_more_than_a_private_one():
     assert scores["private-0"] == 0.0  # its session ended: nobody will reuse it
 
 
+def test_a_prefix_that_stops_at_two_sessions_is_worth_less_than_one_that_spreads():
+    """Documents each read by two sessions (a crew's file, analysed twice) against documents every third
+    session reads again: both learned from whether a block that n sessions used got another one."""
+
+    def learn(readers: int) -> tuple[CacheSage, float]:
+        sage = CacheSage(horizon_s=30.0)
+        t = 0.0
+        for k in range(12):
+            for r in range(readers):
+                session = f"doc{k}-reader{r}"
+                t = _run_session(sage, session, ["analyst"], start=t, blocks={"analyst": ["sys", f"doc-{k}"]})
+                sage.observe(ev.SessionEnd(workload="w", agent="analyst", time=t, session=session))
+        for r in range(2):  # the same ending in both: a new document two sessions have read
+            t = _run_session(sage, f"new-reader{r}", ["analyst"], start=t, blocks={"analyst": ["sys", "doc-new"]})
+            sage.observe(ev.SessionEnd(workload="w", agent="analyst", time=t, session=f"new-reader{r}"))
+        return sage, t
+
+    (pairs, t_pairs), (triples, t_triples) = learn(2), learn(3)
+    assert pairs.workload("w").spread.p_more(2, 0, prior=1.0) < 0.3  # no document had a third reader
+    assert pairs.workload("w").spread.p_more(1, 0, prior=0.0) > 0.8  # every one had a second (revived stops)
+    assert triples.workload("w").spread.p_more(2, 0, prior=1.0) > 0.8
+    scores = pairs.score("w", t_pairs)
+    assert scores["doc-new"] < triples.score("w", t_triples)["doc-new"] - 0.1
+    assert scores["sys"] > scores["doc-new"] + 0.1  # every session reads the system prompt
+
+
 def test_act_emits_valid_idempotent_decisions_pins_and_prefetches():
     sage = CacheSage(horizon_s=30.0, pin_threshold=0.5, prefetch_threshold=0.5)
     for k in range(20):
