@@ -1,4 +1,9 @@
-"""Whether an agent that has made ``n`` calls in its session makes another (pure numpy, no I/O).
+"""Whether something that has happened ``n`` times happens again (pure numpy, no I/O).
+
+CacheSage uses it twice: whether an agent that has made ``n`` calls in its
+session makes another (its turns), and whether a cached block ``n`` sessions
+have used gets another session (its spread; outcomes counted as stopped can
+be revived when a late session comes). The rest of this note is the first.
 
 Within a session an agent has its turns and is done: in a group chat the
 proposer speaks first and rarely again, a verifier speaks a few times near the
