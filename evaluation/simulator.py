@@ -127,9 +127,10 @@ class Scored(EvictionOrder):
 
     def __init__(self, book: DecisionBook, owner_of: Callable[[str], tuple[str, str] | None],
                  clock: Callable[[], float], depth_of: Callable[[str], int] | None = None,
-                 children_of: Callable[[str], Iterable[str]] | None = None) -> None:
+                 children_of: Callable[[str], Iterable[str]] | None = None,
+                 adjust: Callable[[str, int], int] | None = None) -> None:
         self.book, self._owner_of, self._clock = book, owner_of, clock
-        self._depth_of, self._children_of = depth_of, children_of
+        self._depth_of, self._children_of, self._adjust = depth_of, children_of, adjust
         self._levels = [OrderedDict() for _ in range(SCORE_LEVELS)]
         self._level_of: dict[str, int] = {}
         self._orphans: set[str] = set()
@@ -139,7 +140,8 @@ class Scored(EvictionOrder):
             return 0
         score = self.book.score(h, self._owner_of(h), self._clock())
         score = NEUTRAL_SCORE if score is None else score
-        return min(int(score * SCORE_LEVELS), SCORE_LEVELS - 1)
+        level = min(int(score * SCORE_LEVELS), SCORE_LEVELS - 1)
+        return level if self._adjust is None else self._adjust(h, level)
 
     def add(self, h: str, now: int) -> None:
         level = self.level(h)
@@ -464,10 +466,12 @@ def block_depths(calls: Sequence[TraceCall], block_size: int = 32) -> dict[str, 
 
 
 def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, block_size: int = 32,
-                  policy=None, in_flight: int = 1, observe_sim=None) -> SimResult:  # noqa: ANN001
+                  policy=None, in_flight: int = 1, observe_sim=None,  # noqa: ANN001
+                  adjust_level: Callable[[str, int], int] | None = None) -> SimResult:
     """The real CacheSage, fed the events a run would produce, its decisions applied through a DecisionBook.
 
-    ``observe_sim``: an optional (on_call, on_evict) pair that also sees the simulation (analysis)."""
+    ``observe_sim``: an optional (on_call, on_evict) pair that also sees the simulation (analysis);
+    ``adjust_level(hash, level)``: changes the level a free block gets (an oracle fact added, analysis)."""
     from policy_workers.cachesage import CacheSage
 
     sage = policy or CacheSage()
@@ -476,7 +480,8 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     depths: dict[str, int] = {}
     children: dict[str, set[str]] = {}
     clock = {"t": 1_000_000.0}
-    order = Scored(book, owners.get, lambda: clock["t"], lambda h: depths.get(h, 0), lambda h: children.get(h, ()))
+    order = Scored(book, owners.get, lambda: clock["t"], lambda h: depths.get(h, 0), lambda h: children.get(h, ()),
+                   adjust_level)
     previous: dict[str, TraceCall] = {}
     steps: dict[str, int] = {}
     started: dict[int, int] = {}  # call index -> its step number, while it runs

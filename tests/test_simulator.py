@@ -177,3 +177,22 @@ def test_once_a_block_is_evicted_the_blocks_after_it_go_first():
         order.add(h, 0)
     assert order.pop(0) == "head"
     assert order.pop(0) == "tail"  # unreachable now, though scored highest
+
+
+def test_an_oracle_fact_added_to_cachesage_helps_only_where_the_workload_has_it(chatdev):
+    """evaluation.ablation: knowing which blocks are dead lifts CacheSage toward Belady; knowing which blocks
+    spread to a new session changes nothing on ChatDev, where no block is ever reused by another session."""
+    from evaluation.ablation import _Future, knows_deadness, knows_new_sessions
+
+    calls = chatdev[:300]
+    capacity = int(distinct_blocks(chatdev) * 0.05)
+
+    def with_fact(fact=None) -> float:  # noqa: ANN001
+        future = _Future(calls)
+        return run_cachesage(calls, capacity, "chatdev", observe_sim=(future.on_call, lambda h: None),
+                             adjust_level=fact(future) if fact else None).hit_rate
+
+    plain = with_fact()
+    assert with_fact(knows_new_sessions) == plain
+    assert with_fact(knows_deadness) > plain + 0.005
+    assert with_fact(knows_deadness) <= simulate(calls, capacity, Belady.for_calls(calls)).hit_rate + 0.005

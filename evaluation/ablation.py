@@ -1,0 +1,117 @@
+"""How far CacheSage is from knowing one fact more: its own order with an oracle fact added (simulator).
+
+    .venv/bin/python -m evaluation.ablation [--workloads crewai ag2_captainagent] [--in-flight 8]
+
+On exactly the calls and capacity evaluation.bench replays, CacheSage warm (as
+the bench's ``cachesage`` arm) runs again with one fact from the trace's future
+added to the level each free block gets, everything else its own:
+- deadness: blocks no later call uses go to the lowest level; the others keep
+  theirs (at least the next one up). It knows whether, not when;
+- new session: blocks whose next use is by a session that never used them are
+  raised to at least the middle level. It knows which blocks spread to another
+  session, not when.
+Where a fact closes much of the LRU→Belady gap, the gap is that fact; where it
+closes little, learning it better would not help. LRU and Belady frame the
+shares, as in ``evaluation.sweep --engine-setting``.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+from typing import Callable, Sequence
+
+from framework_emitter.traces import WORKLOADS, TraceCall
+
+from .simulator import SCORE_LEVELS, LRU, Belady, block_depths, block_uses, learned_state, run_cachesage, simulate
+
+Adjust = Callable[[str, int], int]
+
+
+class _Future:
+    """The trace's future as seen from the call the simulation is at."""
+
+    def __init__(self, calls: Sequence[TraceCall], block_size: int = 32) -> None:
+        self.uses = block_uses(calls, block_size)
+        self.session_of_call = [call.session for call in calls]
+        self.now = 0
+        self.sessions_so_far: dict[str, set[str]] = {}
+
+    def on_call(self, i: int, call: TraceCall, hashes: list[str], hit: int) -> None:
+        self.now = i
+        for h in hashes:
+            self.sessions_so_far.setdefault(h, set()).add(call.session)
+
+    def next_use(self, h: str) -> int | None:
+        uses = self.uses.get(h, ())
+        j = bisect.bisect_right(uses, self.now)
+        return uses[j] if j < len(uses) else None
+
+
+def knows_deadness(future: _Future) -> Adjust:
+    def adjust(h: str, level: int) -> int:
+        return 0 if future.next_use(h) is None else max(level, 1)
+    return adjust
+
+
+def knows_new_sessions(future: _Future) -> Adjust:
+    def adjust(h: str, level: int) -> int:
+        later = future.next_use(h)
+        if later is not None and future.session_of_call[later] not in future.sessions_so_far.get(h, ()):
+            return max(level, SCORE_LEVELS // 2)
+        return level
+    return adjust
+
+
+FACTS: dict[str, Callable[[_Future], Adjust]] = {"deadness": knows_deadness, "new session": knows_new_sessions}
+
+
+def ablate(workload: str, in_flight: int) -> dict[str, float]:
+    """Hit rates: LRU, CacheSage warm, CacheSage warm + each fact, Belady (the bench's calls and capacity)."""
+    from policy_workers.cachesage import CacheSage
+
+    from .bench import CALLS, PRESSURE, WARM_CALLS, held_out, setting
+
+    chosen, _, calls, _, _, _, capacity = setting(workload, CALLS[workload], 10_000, PRESSURE[workload], 4032,
+                                                  in_flight)
+    state = learned_state(held_out(workload, chosen, WARM_CALLS, 4032), capacity, workload, in_flight=in_flight)
+
+    def warm(adjust: Callable[[_Future], Adjust] | None = None) -> float:
+        policy, future = CacheSage(), _Future(calls)
+        policy.load_state(state)
+        return run_cachesage(calls, capacity, workload, in_flight=in_flight, policy=policy,
+                             observe_sim=(future.on_call, lambda h: None),
+                             adjust_level=adjust(future) if adjust else None).hit_rate
+
+    rates = {"capacity": capacity, "LRU": simulate(calls, capacity, LRU(), in_flight=in_flight).hit_rate,
+             "CacheSage": warm()}
+    for name, fact in FACTS.items():
+        rates[f"+ {name}"] = warm(fact)
+    rates["Belady"] = simulate(calls, capacity, Belady(block_uses(calls), block_depths(calls)),
+                               in_flight=in_flight).hit_rate
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="evaluation.ablation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    parser.add_argument("--in-flight", type=int, default=8)
+    args = parser.parse_args(argv)
+    columns = ["CacheSage", *(f"+ {name}" for name in FACTS)]
+    print(f"| workload | capacity | in flight | LRU | {' | '.join(columns)} | Belady |")
+    print("|---|---|---|---|" + "---|" * len(columns) + "---|")
+    for workload in args.workloads:
+        r = ablate(workload, args.in_flight)
+        gap = r["Belady"] - r["LRU"]
+
+        def cell(name: str) -> str:
+            share = f" ({(r[name] - r['LRU']) / gap:+.0%})" if gap > 0.005 else ""
+            return f"{r[name]:.3f}{share}"
+
+        print(f"| {workload} | {r['capacity']:,} | {args.in_flight} | {r['LRU']:.3f} | "
+              f"{' | '.join(cell(c) for c in columns)} | {r['Belady']:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
