@@ -497,7 +497,8 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
         steps[call.session] = step + 1
         before = previous.get(call.session)
         sage.observe(ev.AgentStepStart(workload=workload, agent=call.agent, session=call.session, step=step,
-                                       time=now, prefix_fingerprint="-", prefix_tokens=0,
+                                       time=now, prefix_fingerprint="-",
+                                       prefix_tokens=sum(n for _, n in call.segments[:-1] or call.segments),
                                        previous_agent=before.agent if before else None))
         if evicted:
             sage.observe(ev.KvBlocksRemoved(workload=workload, agent="", time=now, block_hashes=tuple(evicted)))

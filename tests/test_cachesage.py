@@ -340,9 +340,11 @@ def test_previous_agent_makes_learning_immune_to_any_partition_skew():
 
 
 def _prompt(sage: CacheSage, session: str, agent: str, step: int, chain: list[str], t: float,
-            reply_tokens: int | None = None) -> None:
+            reply_tokens: int | None = None, newest_from: int | None = None) -> None:
+    """One call whose prompt is ``chain``; its newest message starts at block ``newest_from`` (default: none)."""
+    newest_from = len(chain) if newest_from is None else newest_from
     sage.observe(ev.AgentStepStart(workload="w", agent=agent, time=t, session=session, step=step,
-                                   prefix_fingerprint="f", prefix_tokens=32 * len(chain)))
+                                   prefix_fingerprint="f", prefix_tokens=32 * newest_from))
     sage.observe(ev.KvBlocksStored(workload="w", agent=agent, time=t + 0.1, session=session,
                                    request=f"{session}-{step}", block_hashes=tuple(chain), block_size=32))
     sage.observe(ev.AgentStepEnd(workload="w", agent=agent, time=t + 0.5, session=session, step=step,
@@ -372,10 +374,41 @@ def test_reuse_hazard_learns_prompt_families_that_come_back_a_call_later():
     assert w.reuse.hazard(1, i, tail + POSITION_BINS) > 0.9  # ...but in the one after
 
 
+def test_a_prompts_newest_message_is_learned_apart_from_the_blocks_before_it():
+    """Each prompt: system prompt, a document, then a new question (the newest message, from the step's
+    prefix_tokens). The next prompt keeps the document and drops the question, although both share a
+    chain position bin (blocks 8-15)."""
+    from policy_workers.cachesage import position_bin, tail_class
+
+    sage = CacheSage()
+    t = 0.0
+    for k in range(12):
+        session = f"s{k}"
+        for step in range(6):
+            chain = [f"sys-{i}" for i in range(4)] + [f"doc-{k}-{i}" for i in range(8)] + [
+                f"q-{k}-{step}-{i}" for i in range(4)]
+            _prompt(sage, session, "analyst", step, chain, t, newest_from=12)
+            t += 1.0
+        sage.observe(ev.SessionEnd(workload="w", agent="analyst", time=t, session=session))
+    w = sage.workload("w")
+    i = w.model.index["analyst"]
+    document, question = position_bin(10), tail_class(13, newest_from=12)
+    assert position_bin(13) == document  # one position bin: only the newest-message class tells them apart
+    assert w.blocks["doc-11-0"].key[-1] != document  # reused by a second prompt by now
+    assert w.reuse.hazard(0, i, question) < 0.1
+    # A live session's first prompt: its document (fresh, before the newest message) outscores its question.
+    _prompt(sage, "live", "analyst", 0, [f"sys-{i}" for i in range(4)] + [f"live-doc-{i}" for i in range(8)] + [
+        f"live-q-{i}" for i in range(4)], t, newest_from=12)
+    assert w.reuse.hazard(0, i, document) > 0.9
+    scores = sage.score("w", t + 1)
+    assert scores["live-doc-7"] > scores["live-q-0"]  # one key without the newest-message class: one score
+
+
 def test_a_reply_longer_than_the_agents_usual_closes_the_conversation_the_next_prompt_extends():
     """Three tool-calling turns (short replies) extend one conversation; the fourth, the answer (a long reply),
-    closes it and the agent's next prompt starts afresh. Which tails come back is learned per reply class."""
-    from policy_workers.cachesage import position_bin, reply_class
+    closes it and the agent's next prompt starts afresh. Which newest messages come back is learned per reply
+    class; the blocks before them (system prompt, history) do not depend on it."""
+    from policy_workers.cachesage import position_bin, reply_class, tail_class
 
     sage = CacheSage()
     t = 0.0
@@ -384,17 +417,20 @@ def test_a_reply_longer_than_the_agents_usual_closes_the_conversation_the_next_p
         for step in range(12):
             turn, conversation = step % 4, step // 4
             chain = [f"sys-{k}-{i}" for i in range(8)] + [f"c{conversation}-{k}-{i}" for i in range(4 + 4 * turn)]
-            _prompt(sage, session, "coder", step, chain, t, reply_tokens=2000 if turn == 3 else 60)
+            _prompt(sage, session, "coder", step, chain, t, reply_tokens=2000 if turn == 3 else 60,
+                    newest_from=len(chain) - 4)
             t += 1.0
         sage.observe(ev.SessionEnd(workload="w", agent="coder", time=t, session=session))
     w = sage.workload("w")
     i = w.model.index["coder"]
-    tail = position_bin(20)  # the blocks a turn added, before a second prompt has used them
+    tail = tail_class(20, newest_from=20)  # the blocks a turn added, before a second prompt has used them
+    assert tail != position_bin(20) and reply_class(position_bin(20), True) == position_bin(20)
     assert w.reuse.hazard(0, i, reply_class(tail, False)) > 0.9  # after a tool call: extended
     assert w.reuse.hazard(0, i, reply_class(tail, True)) < 0.1  # after the answer: left
     # A live session's blocks score by the reply their prompt got.
     for session, reply in (("a", 60), ("b", 2000)):
-        _prompt(sage, session, "coder", 0, [f"{session}-{i}" for i in range(24)], t, reply_tokens=reply)
+        _prompt(sage, session, "coder", 0, [f"{session}-{i}" for i in range(24)], t, reply_tokens=reply,
+                newest_from=20)
     scores = sage.score("w", t + 1)
     assert scores["a-20"] > scores["b-20"]
     restored = CacheSage()
@@ -496,8 +532,8 @@ def test_a_reuse_class_seen_once_is_not_priced_at_zero_and_learning_survives_a_r
     assert np.array_equal(restored.workload("w").turns.counts, sage.workload("w").turns.counts)
     # A state saved with another class layout (an older version's) is relearned, not misread.
     older = sage.to_state()
-    older["w"].pop("reuse_classes")
-    older["w"]["reuse_packed"] = np.full((4, 24, 1), 200).tolist()
+    older["w"]["reuse_layout"] = "bins=0,4,8,12,16,24,32,64,128;reused;long-reply"  # session 7's: 27 classes
+    older["w"]["reuse_packed"] = np.full((4, 27, 1), 200).tolist()
     relearning = CacheSage()
     relearning.load_state(older)
     assert not relearning.workload("w").reuse.arrays.any()
