@@ -154,7 +154,8 @@ class Scored(EvictionOrder):
 
     def relevel(self, hashes: Iterable[str]) -> None:
         if self._depth_of is not None:
-            hashes = sorted(set(hashes), key=self._depth_of, reverse=True)
+            # Ties keep the given order (a set's would vary with the interpreter's hash seed).
+            hashes = sorted(dict.fromkeys(hashes), key=self._depth_of, reverse=True)
         for h in hashes:
             current = self._level_of.get(h)
             if current is not None and self.level(h) != current:
@@ -478,7 +479,7 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     book = DecisionBook()
     owners: dict[str, tuple[str, str]] = {}
     depths: dict[str, int] = {}
-    children: dict[str, set[str]] = {}
+    children: dict[str, dict[str, None]] = {}
     clock = {"t": 1_000_000.0}
     order = Scored(book, owners.get, lambda: clock["t"], lambda h: depths.get(h, 0), lambda h: children.get(h, ()),
                    adjust_level)
@@ -511,7 +512,7 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
                 owners[h] = (workload, call.agent)
                 depths[h] = position
                 if position:
-                    children.setdefault(hashes[position - 1], set()).add(h)
+                    children.setdefault(hashes[position - 1], {})[h] = None  # ordered: reproducible runs
         previous[call.session] = call
         started[i] = step
 

@@ -437,11 +437,11 @@ class CacheSage(Policy):
     def _spread_stopped(self, w: _Workload, name: str) -> None:
         """Every session of these blocks has ended: so far, they stop at the sessions they have (censored:
         a later session's reuse revives the outcome, see ``_spread``)."""
-        keys = set()
+        keys: dict[tuple, None] = {}  # ordered, as everything the policy iterates: reproducible decisions
         for (agent, session), (_, latest) in w.prefix_of.items():
             if session == name:
                 for chain in (latest, *w.earlier.get((agent, session), ())):
-                    keys.update(w.blocks[h].key for h in chain if h in w.blocks)
+                    keys.update((w.blocks[h].key, None) for h in chain if h in w.blocks)
         for key in keys:
             sessions = _sessions_of(key)
             if all(w.sessions.get(s) is None or w.sessions[s].ended for s in sessions):
@@ -643,7 +643,7 @@ class CacheSage(Policy):
             w.reuse.observe(w.model.agent_id(event.agent), chains, event.block_hashes, class_of,
                             list(w.replies.get(user, ())))
         current = set(event.block_hashes)
-        older = {h for chain in chains for h in chain if h not in current}
+        older = dict.fromkeys(h for chain in chains for h in chain if h not in current)
         self._rekey(w, user, older, self._aged)
         earlier.append(previous)
         while len(earlier) > AGES - 1:
