@@ -17,6 +17,9 @@ The eviction order is the policy: ``LRU`` (stock), ``Belady`` (the offline optim
 free block needed farthest in the future), and ``Scored`` (score levels, LRU within a level)
 fed by the real policy code (CacheSage) through the real decision path
 (``engine_emitter.decision_book.DecisionBook``), as in the engine.
+
+Runs are reproducible: nothing here or in the policy lets a set's iteration order (which follows
+the interpreter's hash seed) decide between two equal blocks.
 """
 from __future__ import annotations
 
