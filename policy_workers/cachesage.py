@@ -370,6 +370,10 @@ class _Workload:
         if born is not None:
             self.born[new] = min(self.born.get(new, born), born)
 
+    def all_ended(self, sessions: Iterable[str]) -> bool:
+        """Every one of these sessions has ended (or expired)."""
+        return all(self.sessions.get(s) is None or self.sessions[s].ended for s in sessions)
+
     def learned_nbytes(self) -> int:
         """Bytes of what was learned about the workload's agents (transitions, timing, reuse hazard, turns, spread)."""
         n = len(self.model)
@@ -428,23 +432,23 @@ class CacheSage(Policy):
                 w.turns.observe_stopped(turns, w.model.agent_id(agent) + 1)
         session.ended, session.in_tool, session.handoff_to = True, False, None
         session.steps.clear()
-        self._spread_stopped(w, event.session)
-        for key in [k for k in w.prefix_of if k[1] == event.session]:
+        users = [k for k in w.prefix_of if k[1] == event.session]
+        self._spread_stopped(w, users)
+        for key in users:
             del w.prefix_of[key]
             w.earlier.pop(key, None)
             w.replies.pop(key, None)
 
-    def _spread_stopped(self, w: _Workload, name: str) -> None:
-        """Every session of these blocks has ended: so far, they stop at the sessions they have (censored:
-        a later session's reuse revives the outcome, see ``_spread``)."""
+    def _spread_stopped(self, w: _Workload, users: list[tuple[str, str]]) -> None:
+        """The ended session's users' blocks whose sessions have all ended: so far, they stop at the sessions
+        they have (censored: a later session's reuse revives the outcome, see ``_spread``)."""
         keys: dict[tuple, None] = {}  # ordered, as everything the policy iterates: reproducible decisions
-        for (agent, session), (_, latest) in w.prefix_of.items():
-            if session == name:
-                for chain in (latest, *w.earlier.get((agent, session), ())):
-                    keys.update((w.blocks[h].key, None) for h in chain if h in w.blocks)
+        for user in users:
+            for chain in (w.prefix_of[user][1], *w.earlier.get(user, ())):
+                keys.update((w.blocks[h].key, None) for h in chain if h in w.blocks)
         for key in keys:
             sessions = _sessions_of(key)
-            if all(w.sessions.get(s) is None or w.sessions[s].ended for s in sessions):
+            if w.all_ended(sessions):
                 w.spread.observe_stopped(max(key[-2], len(sessions)), 0)
 
     def _spread(self, w: _Workload, key: tuple, session: str) -> None:
@@ -453,7 +457,7 @@ class CacheSage(Policy):
         if not sessions or session in sessions:
             return
         n = max(key[-2], len(sessions))
-        if all(w.sessions.get(s) is None or w.sessions[s].ended for s in sessions):
+        if w.all_ended(sessions):
             w.spread.observe_revived(n, 0)  # counted as stopped when its last session ended
         else:
             w.spread.observe_continued(n, 0)
@@ -535,7 +539,7 @@ class CacheSage(Policy):
         if ages[0] and ages[0][-1] == user and not any(user in users for users in ages[1:]):
             return key
         cap = self.config.max_users_per_block
-        if user[1] not in {session for users in ages for _, session in users}:
+        if user[1] not in _sessions_of(key):
             shared += 1  # counted past the users kept: a prompt every session reads has its true count
         ages = [tuple(u for u in users if u != user) for users in ages]
         ages[0] = (*ages[0], user)[-cap:]
