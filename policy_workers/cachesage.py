@@ -131,6 +131,7 @@ class _Block:
     resident: bool = False
     request: str | None = None  # the last request that used it (a different one marks it reused)
     born: float = 0.0  # when it was first stored
+    renewed: float = 0.0  # when a session new to it last used it (``born`` until a second session does)
 
 
 # Chain positions (in blocks) at which prompt retention is learned; a block uses the bin it falls in.
@@ -336,6 +337,7 @@ class _Workload:
         self.removals = (0.0, 0.0)  # decayed count of evicted blocks, when last updated (turnover)
         self.watched_since: float | None = None  # the first event's time: how long the rate has been measured
         self.born: dict[tuple, float] = {}  # group key -> when its oldest member was first stored
+        self.renewed: dict[tuple, float] = {}  # group key -> when a member last gained a session
         # (handoff, current agent) -> (model version, (agent -> column, P(first call at t)))
         self.pmf_cache: dict[tuple, tuple] = {}
         self.events_since_act = 0
@@ -349,9 +351,7 @@ class _Workload:
             members.discard(block_hash)
             if not members:
                 del self.groups[key]
-                self.emitted.pop(key, None)
-                self.dirty.discard(key)
-                self.born.pop(key, None)
+                self._drop(key)
 
     def regroup(self, hashes: list[str], old: tuple | None, new: tuple) -> None:
         """Move resident blocks from group ``old`` (None: they were not resident) to group ``new``."""
@@ -361,14 +361,22 @@ class _Workload:
                 members.difference_update(hashes)
                 if not members:
                     del self.groups[old]
-                    self.emitted.pop(old, None)
-                    self.dirty.discard(old)
-                    self.born.pop(old, None)
+                    self._drop(old)
         self.groups.setdefault(new, set()).update(hashes)
         self.dirty.add(new)
-        born = min((self.blocks[h].born for h in hashes if h in self.blocks), default=None)
-        if born is not None:
+        members = [self.blocks[h] for h in hashes if h in self.blocks]
+        if members:
+            born = min(b.born for b in members)
             self.born[new] = min(self.born.get(new, born), born)
+            renewed = max(b.renewed for b in members)
+            self.renewed[new] = max(self.renewed.get(new, renewed), renewed)
+
+    def _drop(self, key: tuple) -> None:
+        """Forget what was kept for a group that has no members left."""
+        self.emitted.pop(key, None)
+        self.dirty.discard(key)
+        self.born.pop(key, None)
+        self.renewed.pop(key, None)
 
     def all_ended(self, sessions: Iterable[str]) -> bool:
         """Every one of these sessions has ended (or expired)."""
@@ -587,7 +595,7 @@ class CacheSage(Policy):
             block = w.blocks.get(block_hash)
             if block is None:
                 block = w.blocks[block_hash] = _Block(((),) * (AGES + 1) + (0, tail_class(position, newest_from)),
-                                                      request=event.request, born=event.time)
+                                                      request=event.request, born=event.time, renewed=event.time)
             else:
                 w.blocks.move_to_end(block_hash)
             old = block.key
@@ -597,6 +605,8 @@ class CacheSage(Policy):
                 if new is None:
                     self._spread(w, old, user[1])
                     new = new_keys[old] = self._with_user(old, user)
+                if new[-2] > old[-2]:  # a session new to the block
+                    block.renewed = event.time
             if block.request != event.request and is_fresh(new[-1]):  # a second prompt uses it
                 classes_before[block_hash] = new[-1]
                 new = (*new[:-1], new[-1] % POSITION_BINS + REUSED)
@@ -666,7 +676,7 @@ class CacheSage(Policy):
     def _on_all_cleared(self, w: _Workload, event: ev.KvAllBlocksCleared) -> None:
         for block in w.blocks.values():
             block.resident = False
-        w.groups.clear(), w.emitted.clear(), w.dirty.clear()
+        w.groups.clear(), w.emitted.clear(), w.dirty.clear(), w.born.clear(), w.renewed.clear()
 
     # --- predict ----------------------------------------------------------------
 
@@ -861,8 +871,8 @@ class CacheSage(Policy):
             pbin = reply_class(pbin, bool(replies) and age < len(replies) and replies[age])
             return sum(p * t for p, t in zip(first_reuse(w.model.index.get(user[0]), age, pbin), times))
 
-        def key_score(key: tuple, born: float) -> float:
-            found = by_key.get((key, born))
+        def key_score(key: tuple, born: float, renewed: float) -> float:
+            found = by_key.get((key, born, renewed))
             if found is not None:
                 return found
             *ages, sessions, pbin = key
@@ -873,17 +883,22 @@ class CacheSage(Policy):
                     if f is None:
                         f = factors[(user, age, pbin)] = user_density(user, age, pbin)
                     density += f
-            if sessions >= 2:  # other sessions reuse it at the rate new sessions have so far, if any more do
+            if sessions >= 2:  # other sessions reuse it at the rate new sessions came, if any more do
                 p = spread.get(sessions)
                 if p is None:
                     p = spread[sessions] = w.spread.p_more(sessions, 0, prior=1.0)
-                density += p * (sessions - 1) / max(now - born, cycle)
+                # A block's sessions come while it is in use and stop when it is done with: a silence much
+                # longer than their spacing says it is done (crewAI's documents two sessions read).
+                rate = (sessions - 1) / max(renewed - born, cycle)
+                silent = p * math.exp(-rate * max(now - renewed, 0.0))
+                if silent > 0:
+                    density += rate * silent / (silent + max(1.0 - p, 0.0))
             if density <= 0:
                 score = 0.0
             else:
                 delay = max(1.0 / (density * tau), 1 / 32)  # in turnovers
                 score = min(max(1.0 - math.log(delay * 32) / math.log(1024), 0.0), 1.0)
-            by_key[(key, born)] = score
+            by_key[(key, born, renewed)] = score
             return score
 
         return key_score
@@ -894,7 +909,8 @@ class CacheSage(Policy):
         if w is None:
             return {}
         key_score = self._group_scorer(w, now)
-        return {h: key_score(b.key, w.born.get(b.key, b.born)) for h, b in w.blocks.items()
+        return {h: key_score(b.key, w.born.get(b.key, b.born), w.renewed.get(b.key, b.renewed))
+                for h, b in w.blocks.items()
                 if b.resident or not resident_only}
 
     def score(self, workload: str, now: float) -> Mapping[str, float]:
@@ -931,7 +947,7 @@ class CacheSage(Policy):
             users = next((u for u in key[: FORGOTTEN + 1] if u), ())
             if not users:
                 continue  # unattributed blocks: no agent to key a decision by
-            bucket = min(int(key_score(key, w.born.get(key, now)) * cfg.score_buckets), top)
+            bucket = min(int(key_score(key, w.born.get(key, now), w.renewed.get(key, now)) * cfg.score_buckets), top)
             last = w.emitted.get(key)
             if last is not None and last[0] == bucket and now - last[1] < refresh_after and key not in w.dirty:
                 continue

@@ -214,6 +214,32 @@ def test_a_prefix_that_stops_at_two_sessions_is_worth_less_than_one_that_spreads
     assert scores["sys"] > scores["doc-new"] + 0.1  # every session reads the system prompt
 
 
+def test_a_shared_prefix_whose_sessions_stopped_coming_is_worth_less_than_one_still_read():
+    """Two documents, each read by two ended sessions, born together: one's readers came back to back long ago
+    (it is done with), the other's second reader has just come. The rate of new sessions alone (one per
+    lifetime for both) cannot tell them apart; the silence since the latest, against their spacing, can."""
+    sage = CacheSage(horizon_s=30.0)
+    t = 0.0
+    for k in range(12):  # half the documents get a third reader: a second reader says little by itself
+        for r in range(2 + k % 2):
+            session = f"doc{k}-reader{r}"
+            t = _run_session(sage, session, ["analyst"], start=t, blocks={"analyst": ["sys", f"doc-{k}"]})
+            sage.observe(ev.SessionEnd(workload="w", agent="analyst", time=t, session=session))
+    born = t
+    for name, readers in (("doc-done", ["a", "b"]), ("doc-read", ["c"])):
+        for reader in readers:
+            t = _run_session(sage, reader, ["analyst"], start=t, blocks={"analyst": ["sys", name]})
+            sage.observe(ev.SessionEnd(workload="w", agent="analyst", time=t, session=reader))
+    for k in range(80):  # other work goes on; nobody reads either document
+        t = _run_session(sage, f"other-{k}", ["analyst"], start=t, blocks={"analyst": ["sys", f"other-{k}"]})
+        sage.observe(ev.SessionEnd(workload="w", agent="analyst", time=t, session=f"other-{k}"))
+    t = _run_session(sage, "d", ["analyst"], start=t, blocks={"analyst": ["sys", "doc-read"]})
+    sage.observe(ev.SessionEnd(workload="w", agent="analyst", time=t, session="d"))
+    assert t - born > 150  # both documents were born about as long ago
+    scores = sage.score("w", t)
+    assert scores["doc-read"] > scores["doc-done"] + 0.1
+    assert scores["sys"] > scores["doc-read"]  # every session reads the system prompt
+
 def test_act_emits_valid_idempotent_decisions_pins_and_prefetches():
     sage = CacheSage(horizon_s=30.0, pin_threshold=0.5, prefetch_threshold=0.5)
     for k in range(20):
