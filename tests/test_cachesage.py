@@ -240,6 +240,7 @@ def test_a_shared_prefix_whose_sessions_stopped_coming_is_worth_less_than_one_st
     assert scores["doc-read"] > scores["doc-done"] + 0.1
     assert scores["sys"] > scores["doc-read"]  # every session reads the system prompt
 
+
 def test_act_emits_valid_idempotent_decisions_pins_and_prefetches():
     sage = CacheSage(horizon_s=30.0, pin_threshold=0.5, prefetch_threshold=0.5)
     for k in range(20):
