@@ -33,9 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--capacity", nargs="+", default=[], metavar="WORKLOAD=BLOCKS",
                         help="with --engine-setting: a capacity other than the bench's rule")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="with --engine-setting: replay this many calls (whole sessions) instead of the bench's "
+                             "default, capacity by the same rule (a longer window, less noise)")
     args = parser.parse_args(argv)
     if args.engine_setting:
-        return engine_setting(args.workloads, args.in_flight, dict(c.split("=") for c in args.capacity))
+        return engine_setting(args.workloads, args.in_flight, dict(c.split("=") for c in args.capacity), args.calls)
     print("| workload | capacity (blocks) | LRU | TTL pin (Continuum-like) | steps-to-execution (KVFlow-like) | "
           "CacheSage | Belady | ceiling | CacheSage share of the LRU→Belady gap |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, str]) -> int:
+def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, str], calls: int | None = None) -> int:
     """LRU, CacheSage (cold, and warm from the workload's other sessions) and Belady on exactly what
     evaluation.bench replays, serial and with requests in flight."""
     from policy_workers.cachesage import CacheSage
@@ -73,8 +76,8 @@ def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, s
           "share of the gap, cold | warm |")
     print("|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
-        chosen, _, sim_calls, _, _, _, capacity = setting(workload, CALLS[workload], 10_000, PRESSURE[workload],
-                                                          4032, in_flight)
+        chosen, _, sim_calls, _, _, _, capacity = setting(workload, calls or CALLS[workload], 10_000,
+                                                          PRESSURE[workload], 4032, in_flight)
         capacity = int(capacities.get(workload, capacity))
         history = held_out(workload, chosen, WARM_CALLS, 4032)
         future = block_uses(sim_calls), block_depths(sim_calls)

@@ -9,7 +9,8 @@ unit of time it is kept (see ``CacheSage._group_scorer``):
 
     density(block) = sum over users (agent a, session s) of
                          sum_j P(a's j-th next prompt in s is the first to reuse it) * E[1 / T_j]
-                     + the rate at which other sessions have reused it (blocks seen in 2+ sessions)
+                     + the rate at which new sessions have come to it, times P(they still come)
+                       (blocks seen in 2+ sessions; a silence long against their spacing says it is done)
 
 where T_j is when that prompt comes: the time left before s calls again
 (with many sessions sharing the engine, the one that has waited longest runs
@@ -764,10 +765,11 @@ class CacheSage(Policy):
         the time since its latest call started: with many sessions sharing the
         engine, the session that has waited longest runs next), spacing_a the
         calls between a's calls, and the reuse probabilities from the learned
-        hazard by age. A block seen in several sessions adds the rate other
-        sessions have reused it so far. The score is the delay 1 / density on a
-        log scale, 1/32 to 32 turnovers over the 20 buckets: the scale only sets
-        the range, the order is the density's.
+        hazard by age. A block seen in several sessions adds the rate new
+        sessions came to it, weighed by the posterior that they still come
+        given the silence since the latest. The score is the delay 1 / density
+        on a log scale, 1/32 to 32 turnovers over the 20 buckets: the scale only
+        sets the range, the order is the density's.
         """
         cfg = self.config
         tau = self._turnover_s(w, now)
