@@ -339,7 +339,7 @@ class _Workload:
         self.watched_since: float | None = None  # the first event's time: how long the rate has been measured
         self.born: dict[tuple, float] = {}  # group key -> when its oldest member was first stored
         self.renewed: dict[tuple, float] = {}  # group key -> when a member last gained a session
-        # (handoff, current agent) -> (model version, (agent -> column, P(first call at t)))
+        # (handoff, current agent, agent) -> (model version, P(the agent's first call is at t))
         self.pmf_cache: dict[tuple, tuple] = {}
         self.events_since_act = 0
         self.last_act = -math.inf
@@ -782,37 +782,36 @@ class CacheSage(Policy):
         later_prompts = np.arange(AGES, dtype=float)
         inverse: dict[tuple[str, str], np.ndarray | None] = {}
         reuse: dict[tuple, list[float]] = {}
-        pmfs: dict[tuple, tuple[dict[str, int], np.ndarray]] = {}
+        columns: dict[tuple, np.ndarray] = {}
         timing: dict[str, tuple[float, float]] = {}
         factors: dict[tuple, float] = {}
         spread: dict[int, float] = {}
         by_key: dict[tuple, float] = {}
 
-        def pmf_of(session: _Session) -> tuple[dict[str, int], np.ndarray] | None:
+        def first_calls(session: _Session, target: str) -> np.ndarray | None:
+            """P(``target``'s next call in the session is the t-th from now), t = 1..steps (the learned chain)."""
             agent = session.handoff_to or session.agent
             if agent is None:
                 return None
-            key = (bool(session.handoff_to), agent)
-            found = pmfs.get(key)
+            key = (bool(session.handoff_to), agent, target)
+            found = columns.get(key)
             if found is None:
                 cached = w.pmf_cache.get(key)
                 if cached is not None and cached[0] == w.model.version:
                     found = cached[1]
                 else:
                     if session.handoff_to:  # the framework said who is next: it is call 1
-                        names, later = w.model.first_call_pmf(agent, steps - 1)
-                        table = np.zeros((steps, len(names) + 1))
-                        if len(names):
-                            table[1:, : len(names)] = later
-                        names = [*names, agent]  # it may come back later too: its first call is call 1
-                        table[0, -1] = 1.0
+                        found = np.zeros(steps)
+                        if target == agent:  # (it may come back later too, but its first call is call 1)
+                            found[0] = 1.0
+                        else:
+                            found[1:] = w.model.first_call_column(agent, target, steps - 1)
                     else:
-                        names, table = w.model.first_call_pmf(agent, steps)
-                    found = ({n: j for j, n in enumerate(names)}, table)
+                        found = w.model.first_call_column(agent, target, steps)
                     if len(w.pmf_cache) > 4096:
                         w.pmf_cache.clear()
                     w.pmf_cache[key] = (w.model.version, found)
-                pmfs[key] = found
+                columns[key] = found
             return found
 
         def session_timing(name: str, session: _Session) -> tuple[float, float]:
@@ -832,9 +831,8 @@ class CacheSage(Policy):
                 return inverse[user]
             agent, name = user
             session = w.sessions.get(name)
-            table = pmf_of(session) if session is not None and not session.ended else None
-            column = table[0].get(agent) if table is not None else None
-            if column is None:
+            weights = first_calls(session, agent) if session is not None and not session.ended else None
+            if weights is None:
                 inverse[user] = None
                 return None
             residual, interval = session_timing(name, session)
@@ -843,7 +841,6 @@ class CacheSage(Policy):
             first = residual + later_calls * interval  # when each of the session's next calls starts
             # P(a's next call is the t-th from now): when from the chain; whether at all from the chain and
             # from how many calls a has made in the session (agents have their turns and are done)
-            weights = table[1][:, column]
             chain = float(weights.sum())
             turns = session.calls_by_agent.get(agent, 0)
             if turns and i is not None and chain > 1e-9:

@@ -194,6 +194,48 @@ class TransitionModel:
             return [], np.zeros((0, 0))
         return names, np.clip(np.diff(curves, axis=0, prepend=0.0), 0.0, 1.0)
 
+    def first_call_column(self, agent: str, target: str, steps: int) -> np.ndarray:
+        """P(``target``'s next call is the t-th call from now | current = ``agent``), t = 1..steps: one column
+        of ``first_call_pmf``, computed alone.
+
+        A taboo walk from ``agent`` that records the mass reaching ``target``
+        and removes it (steps x agents^2), where the whole table costs steps x
+        agents^3: a scorer needs the few agents that hold cached blocks, not
+        every agent of a workload with hundreds (AG2's ad-hoc experts).
+        """
+        out = np.zeros(max(steps, 0))
+        chain = self._chain_from(agent, steps)
+        if chain is None:
+            return out
+        start, position, P = chain
+        x = position.get(self.index.get(target, -1))
+        if x is None:
+            return out
+        walk = np.zeros(len(P))
+        walk[start] = 1.0
+        for t in range(steps):
+            walk = walk @ P
+            out[t] = walk[x]
+            walk[x] = 0.0
+        return np.clip(out, 0.0, 1.0)
+
+    def _chain_from(self, agent: str, steps: int) -> tuple[int, dict[int, int], np.ndarray] | None:
+        """The chain ``_hitting_curves`` walks from ``agent``: (its row, agent index -> row, matrix), kept for
+        one model version (a scorer asks for several targets from one agent)."""
+        if agent not in self.index or steps <= 0:
+            return None
+        cache = getattr(self, "_chains", None)
+        if cache is None or cache[0] != self.version:
+            cache = self._chains = (self.version, {})
+        whole = len(self.names) <= self.dense_limit  # every agent, one matrix for all starting agents
+        key = None if whole else (agent, steps)
+        found = cache[1].get(key)
+        if found is None:
+            subset = list(range(len(self.names))) if whole else self.reachable(agent, steps)
+            found = cache[1][key] = ({j: k for k, j in enumerate(subset)}, self.matrix(subset))
+        position, matrix = found
+        return position[self.index[agent]], position, matrix
+
     def _hitting_curves(self, agent: str, steps: int) -> tuple[list[str], np.ndarray]:
         """The agents x reachable, and P(x called within t calls | current = ``agent``) for t = 1..steps (rows)."""
         if agent not in self.index or steps <= 0:

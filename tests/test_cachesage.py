@@ -105,6 +105,25 @@ def test_first_call_distribution_matches_monte_carlo():
         assert column == pytest.approx(first[agent] / runs, abs=0.03), agent
 
 
+@pytest.mark.parametrize("agents", [12, 150])  # dense, and past the dense limit (the reachable sub-chain)
+def test_one_agents_first_call_column_equals_the_whole_tables(agents):
+    rng = np.random.default_rng(9)
+    model = TransitionModel()
+    names = [f"expert-{k}" for k in range(agents)]
+    current = 0
+    for _ in range(3000):  # sticky agents with a few favourite successors, as in a group chat
+        nxt = current if rng.random() < 0.3 else int(rng.integers(min(current + 4, agents)))
+        model.observe(names[current], names[nxt])
+        current = nxt
+    for start in (names[0], names[agents // 2]):
+        table_names, table = model.first_call_pmf(start, 32)
+        for target in (names[0], names[1], names[agents // 2], names[-1]):
+            column = model.first_call_column(start, target, 32)
+            expected = table[:, table_names.index(target)] if target in table_names else np.zeros(32)
+            assert column == pytest.approx(expected, abs=1e-9), (start, target)
+    assert not model.first_call_column("never-seen", names[0], 32).any()
+
+
 def test_the_session_that_has_waited_longest_ranks_first():
     """Sessions served in turn: the one whose last call started longest ago calls next, so its blocks
     are worth more than those of a session that has just run (LRU keeps the opposite)."""
