@@ -207,7 +207,7 @@ class TransitionModel:
         chain = self._chain_from(agent, steps)
         if chain is None:
             return out
-        start, position, P = chain
+        start, _, position, P = chain
         x = position.get(self.index.get(target, -1))
         if x is None:
             return out
@@ -219,9 +219,10 @@ class TransitionModel:
             walk[x] = 0.0
         return np.clip(out, 0.0, 1.0)
 
-    def _chain_from(self, agent: str, steps: int) -> tuple[int, dict[int, int], np.ndarray] | None:
-        """The chain ``_hitting_curves`` walks from ``agent``: (its row, agent index -> row, matrix), kept for
-        one model version (a scorer asks for several targets from one agent)."""
+    def _chain_from(self, agent: str, steps: int) -> tuple[int, list[int], dict[int, int], np.ndarray] | None:
+        """The chain walked from ``agent``: every agent for small workloads, else those reachable within
+        ``steps``; (its row, the agents' indices, agent index -> row, matrix), kept for one model version (a
+        scorer asks for several targets from one agent)."""
         if agent not in self.index or steps <= 0:
             return None
         cache = getattr(self, "_chains", None)
@@ -232,17 +233,16 @@ class TransitionModel:
         found = cache[1].get(key)
         if found is None:
             subset = list(range(len(self.names))) if whole else self.reachable(agent, steps)
-            found = cache[1][key] = ({j: k for k, j in enumerate(subset)}, self.matrix(subset))
-        position, matrix = found
-        return position[self.index[agent]], position, matrix
+            found = cache[1][key] = (subset, {j: k for k, j in enumerate(subset)}, self.matrix(subset))
+        subset, position, matrix = found
+        return position[self.index[agent]], subset, position, matrix
 
     def _hitting_curves(self, agent: str, steps: int) -> tuple[list[str], np.ndarray]:
         """The agents x reachable, and P(x called within t calls | current = ``agent``) for t = 1..steps (rows)."""
-        if agent not in self.index or steps <= 0:
+        chain = self._chain_from(agent, steps)
+        if chain is None:
             return [], np.zeros((0, 0))
-        subset = self.reachable(agent, steps) if len(self.names) > self.dense_limit else list(range(len(self.names)))
-        P = self.matrix(subset)
-        start = subset.index(self.index[agent])
+        start, subset, _, P = chain
         # H[a, x] = P(hit x within t steps from a): H <- P + P @ H - P * diag(H)
         H = np.zeros_like(P)
         rows = np.zeros((steps, len(subset)))
