@@ -325,6 +325,10 @@ class _Workload:
         self.reuse = _Reuse()
         self.turns = Continuation()  # P(an agent that has made n calls in its session makes another); key: agent index + 1
         self.spread = Continuation()  # P(a block n sessions have used gets another session); pooled key only
+        # Whether a block two sessions have used gets a third, by its latest user's agent (key: its index + 1;
+        # at two only, the state stays small): one agent's documents are read by a few sessions each, another's
+        # by two and done
+        self.spread_by_agent = Continuation(max_calls=0)
         self.sessions: dict[str, _Session] = {}
         self.blocks: OrderedDict[str, _Block] = OrderedDict()
         self.prefix_of: dict[tuple[str, str], tuple[str | None, list[str]]] = {}  # (agent, session) -> (request, hashes)
@@ -379,6 +383,19 @@ class _Workload:
         self.born.pop(key, None)
         self.renewed.pop(key, None)
 
+    def spread_agent(self, key: tuple) -> int:
+        """A block group's key in ``spread_by_agent``: its latest user's agent index + 1 (0: no user)."""
+        for users in key[: FORGOTTEN + 1]:
+            if users:
+                return self.model.agent_id(users[-1][0]) + 1
+        return 0
+
+    def p_spread(self, sessions: int, agent_key: int) -> float:
+        """P(a block ``sessions`` (>= 2) sessions have used gets another): every block's rate at ``sessions``;
+        at two, its agent's blocks' shrunk toward it."""
+        pooled = self.spread.p_more(sessions, 0, prior=1.0)
+        return self.spread_by_agent.p_more(0, agent_key, prior=pooled, pooled=False) if sessions == 2 else pooled
+
     def all_ended(self, sessions: Iterable[str]) -> bool:
         """Every one of these sessions has ended (or expired)."""
         return all(self.sessions.get(s) is None or self.sessions[s].ended for s in sessions)
@@ -387,7 +404,7 @@ class _Workload:
         """Bytes of what was learned about the workload's agents (transitions, timing, reuse hazard, turns, spread)."""
         n = len(self.model)
         return (self.model.nbytes() + self.timing.nbytes(n) + self.reuse.nbytes(n) + self.turns.nbytes(n)
-                + self.spread.nbytes(0))
+                + self.spread.nbytes(0) + self.spread_by_agent.nbytes(n))
 
 
 class CacheSage(Policy):
@@ -458,7 +475,10 @@ class CacheSage(Policy):
         for key in keys:
             sessions = _sessions_of(key)
             if w.all_ended(sessions):
-                w.spread.observe_stopped(max(key[-2], len(sessions)), 0)
+                n = max(key[-2], len(sessions))
+                w.spread.observe_stopped(n, 0)
+                if n == 2:
+                    w.spread_by_agent.observe_stopped(0, w.spread_agent(key))
 
     def _spread(self, w: _Workload, key: tuple, session: str) -> None:
         """A block with ``key`` is used by ``session``: if it is new to the block, the block spread."""
@@ -466,10 +486,11 @@ class CacheSage(Policy):
         if not sessions or session in sessions:
             return
         n = max(key[-2], len(sessions))
-        if w.all_ended(sessions):
-            w.spread.observe_revived(n, 0)  # counted as stopped when its last session ended
-        else:
-            w.spread.observe_continued(n, 0)
+        revived = w.all_ended(sessions)  # a stop was counted when its last session ended: a late session revives it
+        (w.spread.observe_revived if revived else w.spread.observe_continued)(n, 0)
+        if n == 2:
+            by_agent = w.spread_by_agent
+            (by_agent.observe_revived if revived else by_agent.observe_continued)(0, w.spread_agent(key))
 
     def _on_step_start(self, w: _Workload, event: ev.AgentStepStart) -> None:
         session = self._session(w, event)
@@ -785,7 +806,7 @@ class CacheSage(Policy):
         columns: dict[tuple, np.ndarray] = {}
         timing: dict[str, tuple[float, float]] = {}
         factors: dict[tuple, float] = {}
-        spread: dict[int, float] = {}
+        spread: dict[tuple[int, int], float] = {}
         by_key: dict[tuple, float] = {}
 
         def first_calls(session: _Session, target: str) -> np.ndarray | None:
@@ -883,9 +904,10 @@ class CacheSage(Policy):
                         f = factors[(user, age, pbin)] = user_density(user, age, pbin)
                     density += f
             if sessions >= 2:  # other sessions reuse it at the rate new sessions came, if any more do
-                p = spread.get(sessions)
+                agent_key = w.spread_agent(key) if sessions == 2 else 0
+                p = spread.get((sessions, agent_key))
                 if p is None:
-                    p = spread[sessions] = w.spread.p_more(sessions, 0, prior=1.0)
+                    p = spread[(sessions, agent_key)] = w.p_spread(sessions, agent_key)
                 # A block's sessions come while it is in use and stop when it is done with: a silence much
                 # longer than their spacing says it is done (crewAI's documents two sessions read).
                 rate = (sessions - 1) / max(renewed - born, cycle)
@@ -1048,7 +1070,7 @@ class CacheSage(Policy):
         return {"model": w.model.to_state(), "timing": w.timing.arrays[:, :n].tolist(),
                 "reuse_packed": w.reuse.arrays[:, :, :n].tolist(), "reuse_layout": REUSE_LAYOUT,
                 "typical_reply": w.reuse.typical_reply[:n].tolist(), "turns": w.turns.to_state(),
-                "spread": w.spread.to_state(),
+                "spread": w.spread.to_state(), "spread_by_agent": w.spread_by_agent.to_state(),
                 "sessions": sessions}
 
     def forget(self, workloads: Iterable[str]) -> None:
@@ -1067,6 +1089,8 @@ class CacheSage(Policy):
                 w.turns.load_state(saved["turns"])
             if saved.get("spread"):
                 w.spread.load_state(saved["spread"])
+            if saved.get("spread_by_agent"):
+                w.spread_by_agent.load_state(saved["spread_by_agent"])
             # Another class layout (an older version's, or "reuse", an older encoding) is relearned.
             if saved.get("reuse_packed") and saved.get("reuse_layout") == REUSE_LAYOUT:
                 reuse = np.asarray(saved["reuse_packed"], dtype=np.uint8).reshape(AGES, CLASSES, -1)

@@ -59,8 +59,9 @@ class Continuation:
             self.counts[row, n, 1] = max(float(self.counts[row, n, 1]) - 1.0, 0.0)
             self.counts[row, n, 0] += 1.0
 
-    def p_more(self, n: int, key: int, prior: float) -> float:
-        """P(the agent calls again | ``n`` calls so far in the session), shrunk toward ``prior``."""
+    def p_more(self, n: int, key: int, prior: float, pooled: bool = True) -> float:
+        """P(the agent calls again | ``n`` calls so far in the session), shrunk toward the pooled agents' rate
+        and that toward ``prior`` (``pooled=False``: the key's straight toward ``prior``)."""
         n = min(max(n, 0), self.max_calls)
         k = self.strength
 
@@ -68,8 +69,8 @@ class Continuation:
             continued, stopped = (float(c) for c in self.counts[row, n])
             return (continued + k * toward) / (continued + stopped + k)
 
-        pooled = shrunk(POOLED, prior)
-        return pooled if key == POOLED or key >= self.counts.shape[0] else shrunk(key, pooled)
+        toward = shrunk(POOLED, prior) if pooled else prior
+        return toward if key == POOLED or key >= self.counts.shape[0] else shrunk(key, toward)
 
     def nbytes(self, n: int) -> int:
         """Bytes of what is learned about ``n`` agents (and the pooled row)."""

@@ -233,6 +233,30 @@ def test_a_prefix_that_stops_at_two_sessions_is_worth_less_than_one_that_spreads
     assert scores["sys"] > scores["doc-new"] + 0.1  # every session reads the system prompt
 
 
+def test_whether_a_prefix_spreads_past_two_sessions_is_learned_per_agent():
+    """One agent's documents each get a third reader, another's stop at two (crewAI: a file analysed by a
+    few test runs, a research brief by two): pooled, the two agents' next documents would look alike."""
+    sage = CacheSage(horizon_s=30.0)
+    t = 0.0
+    for k in range(12):
+        for agent, readers in (("analyst", 3), ("writer", 2)):
+            for r in range(readers):
+                session = f"{agent}-doc{k}-reader{r}"
+                t = _run_session(sage, session, [agent], start=t, blocks={agent: [f"sys-{agent}", f"{agent}-doc-{k}"]})
+                sage.observe(ev.SessionEnd(workload="w", agent=agent, time=t, session=session))
+    for agent in ("analyst", "writer"):  # the same history for both new documents: two readers, back to back
+        for r in range(2):
+            session = f"{agent}-new-reader{r}"
+            t = _run_session(sage, session, [agent], start=t, blocks={agent: [f"sys-{agent}", f"{agent}-doc-new"]})
+            sage.observe(ev.SessionEnd(workload="w", agent=agent, time=t, session=session))
+    w = sage.workload("w")
+    analyst, writer = (w.model.agent_id(a) + 1 for a in ("analyst", "writer"))
+    assert w.p_spread(2, analyst) > 0.8
+    assert w.p_spread(2, writer) < 0.3
+    scores = sage.score("w", t)
+    assert scores["analyst-doc-new"] > scores["writer-doc-new"] + 0.1
+
+
 def test_a_shared_prefix_whose_sessions_stopped_coming_is_worth_less_than_one_still_read():
     """Two documents, each read by two ended sessions, born together: one's readers came back to back long ago
     (it is done with), the other's second reader has just come. The rate of new sessions alone (one per
