@@ -1000,6 +1000,8 @@ class CacheSage(Policy):
     def _pins_and_prefetches(self, w: _Workload, workload: str, now: float) -> list[ev.Decision]:
         cfg = self.config
         out: list[ev.Decision] = []
+        if min(cfg.pin_threshold, cfg.prefetch_threshold) > 1.0:
+            return out  # turned off (no probability reaches them): skip the walk over sessions
         for name, session in w.sessions.items():
             if session.ended:
                 continue
