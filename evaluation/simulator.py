@@ -27,7 +27,7 @@ import heapq
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from engine_emitter.decision_book import DecisionBook
 from framework_emitter.prefix_blocks import block_hashes
@@ -137,6 +137,7 @@ class Scored(EvictionOrder):
         self._levels = [OrderedDict() for _ in range(SCORE_LEVELS)]
         self._level_of: dict[str, int] = {}
         self._orphans: set[str] = set()
+        self.evicted_level = 0  # the level the latest evicted block was taken from (analysis)
 
     def level(self, h: str) -> int:
         if h in self._orphans:
@@ -165,9 +166,15 @@ class Scored(EvictionOrder):
                 self.remove(h)
                 self.add(h, 0)
 
+    def free_above(self, level: int) -> Iterator[str]:
+        """Free blocks kept at a higher level than ``level`` (analysis)."""
+        for kept in self._levels[level + 1:]:
+            yield from kept
+
     def pop(self, now: int) -> str:
-        for level in self._levels:
+        for index, level in enumerate(self._levels):
             if level:
+                self.evicted_level = index
                 h = level.popitem(last=False)[0]
                 del self._level_of[h]
                 self._orphans.discard(h)
@@ -471,11 +478,13 @@ def block_depths(calls: Sequence[TraceCall], block_size: int = 32) -> dict[str, 
 
 def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, block_size: int = 32,
                   policy=None, in_flight: int = 1, observe_sim=None,  # noqa: ANN001
-                  adjust_level: Callable[[str, int], int] | None = None) -> SimResult:
+                  adjust_level: Callable[[str, int], int] | None = None,
+                  on_order: Callable[[Scored], None] | None = None) -> SimResult:
     """The real CacheSage, fed the events a run would produce, its decisions applied through a DecisionBook.
 
     ``observe_sim``: an optional (on_call, on_evict) pair that also sees the simulation (analysis);
-    ``adjust_level(hash, level)``: changes the level a free block gets (an oracle fact added, analysis)."""
+    ``adjust_level(hash, level)``: changes the level a free block gets (an oracle fact added, analysis);
+    ``on_order(order)``: given the free queue before the run, to read it during the run (analysis)."""
     from policy_workers.cachesage import CacheSage
 
     sage = policy or CacheSage()
@@ -486,6 +495,8 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     clock = {"t": 1_000_000.0}
     order = Scored(book, owners.get, lambda: clock["t"], lambda h: depths.get(h, 0), lambda h: children.get(h, ()),
                    adjust_level)
+    if on_order is not None:
+        on_order(order)
     previous: dict[str, TraceCall] = {}
     steps: dict[str, int] = {}
     started: dict[int, int] = {}  # call index -> its step number, while it runs

@@ -154,6 +154,35 @@ def test_blocks_rescored_together_are_evicted_tail_first():
     assert [order.pop(0) for _ in range(3)] == ["tail", "middle", "head"]
 
 
+def test_the_free_queue_tells_which_blocks_it_kept_above_the_one_it_evicted():
+    """evaluation.kept reads the free queue at each eviction: the victim's level, and the blocks above it."""
+    from engine_emitter.decision_book import DecisionBook
+    from evaluation.simulator import Scored
+    from streams import events as ev
+
+    book = DecisionBook()
+    order = Scored(book, lambda h: ("w", h.split("-")[0]), lambda: 0.0)
+    for h in ("low-1", "high-1", "low-2", "mid-1"):
+        order.add(h, 0)
+    for agent, score in (("low", 0.05), ("mid", 0.5), ("high", 0.95)):
+        assert book.apply(ev.EvictionScore(workload="w", agent=agent, time=0.0, policy="t", decision_id=agent,
+                                           expires_at=60.0, score=score), 0.0)
+    order.relevel(["low-1", "high-1", "low-2", "mid-1"])
+    assert order.pop(0) == "low-1"
+    assert sorted(order.free_above(order.evicted_level)) == ["high-1", "mid-1"]  # not low-2, level with it
+    assert order.pop(0) == "low-2" and order.pop(0) == "mid-1"
+    assert list(order.free_above(order.evicted_level)) == ["high-1"]
+
+
+def test_the_kept_tally_runs_on_a_real_trace():
+    from evaluation.kept import tally
+
+    hit, evictions, live, kept, victims = tally("crewai", 1)
+    assert 0.0 < hit < 1.0 and 0 < live < evictions
+    assert sum(victims.values()) == live  # every live eviction described once
+    assert kept  # CacheSage is not Belady: some dead block outlives some live one
+
+
 def test_belady_bounds_lru_at_high_pressure_on_tau_airline():
     """Hash-order ties broke chains at random: the 'optimum' fell to 0.540 against LRU's 0.734 here."""
     from evaluation.bench import CALLS, PRESSURE, setting
