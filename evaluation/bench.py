@@ -124,7 +124,10 @@ def _change(new: float, old: float) -> str:
 
 
 def save_sql(url: str, run_id: str, workload: str, setup: dict[str, Any], arm: str, repeat: int,
-             figures: dict[str, float]) -> None:
+             figures: dict[str, float], calls: Sequence[Any] = ()) -> None:
+    """One row per arm and repeat (``agentrt_eval_runs``: the figures it is judged by) and one per request
+    (``agentrt_eval_requests``: what it asked, what was cached, when its first token came; ``calls`` are
+    ``engine_replay.CallResult``s in submission order), to find which requests make a tail."""
     from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, create_engine
 
     meta = MetaData()
@@ -137,11 +140,34 @@ def save_sql(url: str, run_id: str, workload: str, setup: dict[str, Any], arm: s
                  Column("repeat", Integer, nullable=False),
                  Column("setup", Text, nullable=False),
                  *(Column(key, Float) for key in figures))
+    requests = Table("agentrt_eval_requests", meta,
+                     Column("id", Integer, primary_key=True, autoincrement=True),
+                     Column("run_id", String(64), nullable=False, index=True),
+                     Column("workload", String(64), nullable=False),
+                     Column("arm", String(32), nullable=False),
+                     Column("repeat", Integer, nullable=False),
+                     Column("call", Integer, nullable=False),  # submission order within the arm's run
+                     Column("session", String(128), nullable=False),
+                     Column("agent", String(128), nullable=False),
+                     Column("seq", Integer, nullable=False),
+                     Column("prompt_tokens", Integer, nullable=False),
+                     Column("cached_tokens", Integer, nullable=False),
+                     Column("submitted_s", Float, nullable=False),  # since the arm's first submission
+                     Column("ttft_s", Float, nullable=False),
+                     Column("latency_s", Float, nullable=False))
     engine = create_engine(url, future=True)
     meta.create_all(engine)
+    start = min((c.submitted for c in calls), default=0.0)
     with engine.begin() as conn:
         conn.execute(runs.insert(), [{"run_id": run_id, "created_at": time.time(), "workload": workload, "arm": arm,
                                       "repeat": repeat, "setup": json.dumps(setup), **figures}])
+        if calls:
+            conn.execute(requests.insert(), [
+                {"run_id": run_id, "workload": workload, "arm": arm, "repeat": repeat, "call": index,
+                 "session": c.session, "agent": c.agent, "seq": c.seq, "prompt_tokens": c.prompt_tokens,
+                 "cached_tokens": c.cached_tokens, "submitted_s": c.submitted - start, "ttft_s": c.ttft_s,
+                 "latency_s": c.finished - c.submitted}
+                for index, c in enumerate(sorted(calls, key=lambda c: c.submitted))])
     engine.dispose()
 
 
@@ -358,7 +384,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
             figures = metrics(result)
             rows[arm_name].append(figures)
             last[arm_name] = result
-            save_sql(args.db, run_id, workload, setup, arm_name, repeat, figures)
+            save_sql(args.db, run_id, workload, setup, arm_name, repeat, figures, result.calls)
             cost = ""
             if isinstance(arm, PolicyArm):
                 cost = (f" (policy in the engine's thread: observe {arm.cost_s['observe']:.1f} s, act "

@@ -44,8 +44,8 @@ def test_simulator_and_vllm_agree_within_3pp_for_lru_and_cachesage(fresh, crewai
         return replay(llm, crewai_slice, arm, workload="crewai", vocab_size=4096, max_prompt_tokens=MAX_PROMPT,
                       max_output_tokens=1, max_in_flight=1)
 
-    engine_lru = run(Arm()).hit_rate
-    engine_sage = run(PolicyArm(_eviction_only(), name="cachesage")).hit_rate
+    lru_run, sage_run = run(Arm()), run(PolicyArm(_eviction_only(), name="cachesage"))
+    engine_lru, engine_sage = lru_run.hit_rate, sage_run.hit_rate
     simulated_lru = simulate(crewai_slice, capacity, LRU()).hit_rate
     simulated_sage = run_cachesage(crewai_slice, capacity, "crewai", policy=_eviction_only()).hit_rate
     print(f"LRU: engine {engine_lru:.3f} simulator {simulated_lru:.3f}; "
@@ -53,3 +53,28 @@ def test_simulator_and_vllm_agree_within_3pp_for_lru_and_cachesage(fresh, crewai
     assert engine_lru > 0.05  # prefixes were actually shared and hit
     assert engine_lru == pytest.approx(simulated_lru, abs=0.03)
     assert engine_sage == pytest.approx(simulated_sage, abs=0.03)
+
+
+def test_the_bench_keeps_every_request_of_a_real_run_in_sql(fresh, crewai_slice, tmp_path):
+    """evaluation.bench's rows per request (what each asked, what was cached, its TTFT) add up to its run's."""
+    import sqlalchemy as sa
+
+    from evaluation.bench import metrics, save_sql
+
+    llm, scheduler = fresh
+    scheduler.book.clear()
+    assert llm.reset_prefix_cache()
+    result = replay(llm, crewai_slice[:40], Arm(), workload="crewai", vocab_size=4096, max_prompt_tokens=MAX_PROMPT,
+                    max_output_tokens=1, max_in_flight=1)
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    save_sql(url, "run-1", "crewai", {"calls": 40}, "stock", 0, metrics(result), result.calls)
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT call, session, prompt_tokens, cached_tokens, ttft_s FROM "
+                                    "agentrt_eval_requests WHERE run_id = 'run-1' ORDER BY call")).all()
+        (hit_rate,) = conn.execute(sa.text("SELECT hit_rate FROM agentrt_eval_runs WHERE run_id = 'run-1'")).one()
+    engine.dispose()
+    assert [r.call for r in rows] == list(range(40))
+    assert [r.session for r in rows] == [c.session for c in crewai_slice[:40]]  # one at a time: submission order
+    assert sum(r.cached_tokens for r in rows) / sum(r.prompt_tokens for r in rows) == pytest.approx(hit_rate)
+    assert hit_rate > 0 and all(r.ttft_s > 0 for r in rows)
