@@ -61,7 +61,7 @@ class CacheSageConfig:
     max_users_per_block: int = 8
     decay: float = 0.97
     prior_strength: float = 0.5
-    rate_window_s: float = 300.0  # time constant of the per-agent call-rate estimate
+    rate_window_s: float = 300.0  # time constant of the eviction-rate estimate (the cache's turnover)
     default_step_s: float = 5.0  # assumed call-to-call time before any timing is learned
     min_residual: float = 0.25  # the least time left before a session's next call, in call intervals
 
@@ -284,8 +284,10 @@ class _Reuse:
 class _AgentTiming:
     """Per-agent EWMAs in float32 arrays indexed like the transition model (bounded state)."""
 
+    ROWS = 2  # step_s, gap_s
+
     def __init__(self) -> None:
-        self.arrays = np.zeros((4, 8), dtype=np.float32)  # step_s, gap_s, rate_count, rate_at
+        self.arrays = np.zeros((self.ROWS, 8), dtype=np.float32)
 
     def _grow(self, i: int) -> None:
         while i >= self.arrays.shape[1]:
@@ -298,18 +300,6 @@ class _AgentTiming:
 
     def get(self, row: int, i: int) -> float:
         return float(self.arrays[row, i]) if i < self.arrays.shape[1] else 0.0
-
-    def count_call(self, i: int, now: float, window_s: float) -> None:
-        self._grow(i)
-        count, at = self.arrays[2, i], self.arrays[3, i]
-        decayed = count * math.exp(-max(now - at, 0.0) / window_s) if at else 0.0
-        self.arrays[2, i], self.arrays[3, i] = decayed + 1.0, now
-
-    def rate(self, i: int, now: float, window_s: float) -> float:
-        if i >= self.arrays.shape[1] or not self.arrays[3, i]:
-            return 0.0
-        count, at = float(self.arrays[2, i]), float(self.arrays[3, i])
-        return count * math.exp(-max(now - at, 0.0) / window_s) / window_s
 
     def nbytes(self, n: int) -> int:
         return self.arrays.shape[0] * n * self.arrays.itemsize
@@ -503,7 +493,6 @@ class CacheSage(Policy):
         turns = session.calls_by_agent[event.agent] = session.calls_by_agent.get(event.agent, 0) + 1
         if turns >= 2:
             w.turns.observe_continued(turns - 1, i + 1)
-        w.timing.count_call(i, event.time, self.config.rate_window_s)
         if step <= session.latest - MAX_STEPS_KEPT:  # far behind its session's other agents
             if event.previous_agent is not None:
                 w.model.observe(event.previous_agent, event.agent)
@@ -1084,8 +1073,9 @@ class CacheSage(Policy):
             w = self._workloads[name] = _Workload(self.config)
             w.model = TransitionModel.from_state(saved["model"])
             if saved.get("timing") is not None:  # left out where its clock is not this one's (a simulated run)
-                timing = np.asarray(saved["timing"], dtype=np.float32).reshape(4, -1)
-                w.timing.arrays = np.zeros((4, max(8, timing.shape[1])), dtype=np.float32)
+                rows = _AgentTiming.ROWS  # an older state's extra rows (per-agent call rates, unused) are dropped
+                timing = np.asarray(saved["timing"], dtype=np.float32)[:rows].reshape(rows, -1)
+                w.timing.arrays = np.zeros((rows, max(8, timing.shape[1])), dtype=np.float32)
                 w.timing.arrays[:, : timing.shape[1]] = timing
             if saved.get("turns"):
                 w.turns.load_state(saved["turns"])

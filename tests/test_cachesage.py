@@ -337,6 +337,20 @@ def test_sessions_that_never_end_expire():
     assert sage.predict("w", 1e9 + 1000) == []
 
 
+def test_a_state_saved_with_the_older_timing_rows_loads_its_step_and_gap_times():
+    """Before session 10 the timing held two more rows per agent (a call rate nothing read)."""
+    sage = CacheSage()
+    for k in range(5):
+        _run_session(sage, f"s{k}", ["planner", "coder", "reviewer"], start=k * 50.0)
+    state = json.loads(json.dumps(sage.to_state()))
+    timing = state["w"]["timing"]
+    assert len(timing) == 2 and any(timing[1])  # step and gap times, learned
+    state["w"]["timing"] = timing + [[7.0] * len(timing[0]), [1e9] * len(timing[0])]
+    restored = CacheSage()
+    restored.load_state(state)
+    assert np.allclose(restored.workload("w").timing.arrays[:, :3], sage.workload("w").timing.arrays[:, :3])
+
+
 def test_state_round_trips_through_json():
     sage = CacheSage()
     for k in range(5):
