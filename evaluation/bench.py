@@ -127,7 +127,7 @@ def save_sql(url: str, run_id: str, workload: str, setup: dict[str, Any], arm: s
              figures: dict[str, float], calls: Sequence[Any] = ()) -> None:
     """One row per arm and repeat (``agentrt_eval_runs``: the figures it is judged by) and one per request
     (``agentrt_eval_requests``: what it asked, what was cached, when its first token came; ``calls`` are
-    ``engine_replay.CallResult``s in submission order), to find which requests make a tail."""
+    ``engine_replay.CallResult``s, numbered in submission order), to find which requests make a tail."""
     from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, create_engine
 
     meta = MetaData()

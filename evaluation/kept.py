@@ -15,11 +15,11 @@ File Analyst documents one session had read (docs/policy_workers.md).
 from __future__ import annotations
 
 import argparse
-import bisect
 from collections import Counter
 
+from .ablation import _Future
 from .bench import CALLS, PRESSURE, WARM_CALLS, held_out, setting
-from .simulator import Scored, block_uses, learned_state, run_cachesage
+from .simulator import Scored, learned_state, run_cachesage
 
 CLASS_NAMES = ("head", "reused", "newest message", "newest message, long reply")
 
@@ -46,19 +46,16 @@ def tally(workload: str, in_flight: int, capacity: int | None = None) -> tuple[f
 
     chosen, _, calls, _, _, _, rule = setting(workload, CALLS[workload], 10_000, PRESSURE[workload], 4032, 8)
     capacity = capacity or rule
-    uses = block_uses(calls)
+    future = _Future(calls)
     sage = CacheSage()
     sage.load_state(learned_state(held_out(workload, chosen, WARM_CALLS, 4032), capacity, workload,
                                   in_flight=in_flight))
-    now, found = {"i": 0}, {"evictions": 0, "live": 0}
+    found = {"evictions": 0, "live": 0}
     orders: list[Scored] = []
     kept, victims = Counter(), Counter()
 
     def used_again(h: str) -> bool:
-        return bisect.bisect_right(uses.get(h, ()), now["i"]) < len(uses.get(h, ()))
-
-    def on_call(i, call, hashes, hit) -> None:  # noqa: ANN001
-        now["i"] = i
+        return future.next_use(h) is not None
 
     def on_evict(h: str) -> None:
         found["evictions"] += 1
@@ -71,7 +68,7 @@ def tally(workload: str, in_flight: int, capacity: int | None = None) -> tuple[f
                 kept[describe(sage, workload, other)] += 1
 
     result = run_cachesage(calls, capacity, workload, in_flight=in_flight, policy=sage,
-                           observe_sim=(on_call, on_evict), on_order=orders.append)
+                           observe_sim=(future.on_call, on_evict), on_order=orders.append)
     return result.hit_rate, found["evictions"], found["live"], kept, victims
 
 

@@ -374,11 +374,20 @@ class _Workload:
         self.renewed.pop(key, None)
 
     def spread_agent(self, key: tuple) -> int:
-        """A block group's key in ``spread_by_agent``: its latest user's agent index + 1 (0: no user)."""
+        """A block group's key in ``spread_by_agent``: its latest user's agent index + 1 (0, the pooled row:
+        no user, or an agent the model has not registered; scoring must not register agents)."""
         for users in key[: FORGOTTEN + 1]:
             if users:
-                return self.model.agent_id(users[-1][0]) + 1
+                i = self.model.index.get(users[-1][0])
+                return 0 if i is None else i + 1
         return 0
+
+    def observe_spread(self, key: tuple, n: int, outcome: str) -> None:
+        """A block group that ``n`` sessions have used got another (``continued``), has none for now
+        (``stopped``), or got one after that stop (``revived``): pooled, and at two by its agent."""
+        getattr(self.spread, f"observe_{outcome}")(n, 0)
+        if n == 2:
+            getattr(self.spread_by_agent, f"observe_{outcome}")(0, self.spread_agent(key))
 
     def p_spread(self, sessions: int, agent_key: int) -> float:
         """P(a block ``sessions`` (>= 2) sessions have used gets another): every block's rate at ``sessions``;
@@ -465,22 +474,15 @@ class CacheSage(Policy):
         for key in keys:
             sessions = _sessions_of(key)
             if w.all_ended(sessions):
-                n = max(key[-2], len(sessions))
-                w.spread.observe_stopped(n, 0)
-                if n == 2:
-                    w.spread_by_agent.observe_stopped(0, w.spread_agent(key))
+                w.observe_spread(key, max(key[-2], len(sessions)), "stopped")
 
     def _spread(self, w: _Workload, key: tuple, session: str) -> None:
         """A block with ``key`` is used by ``session``: if it is new to the block, the block spread."""
         sessions = _sessions_of(key)
         if not sessions or session in sessions:
             return
-        n = max(key[-2], len(sessions))
-        revived = w.all_ended(sessions)  # a stop was counted when its last session ended: a late session revives it
-        (w.spread.observe_revived if revived else w.spread.observe_continued)(n, 0)
-        if n == 2:
-            by_agent = w.spread_by_agent
-            (by_agent.observe_revived if revived else by_agent.observe_continued)(0, w.spread_agent(key))
+        # A stop was counted when its last session ended: a late session revives it.
+        w.observe_spread(key, max(key[-2], len(sessions)), "revived" if w.all_ended(sessions) else "continued")
 
     def _on_step_start(self, w: _Workload, event: ev.AgentStepStart) -> None:
         session = self._session(w, event)

@@ -44,8 +44,8 @@ def test_simulator_and_vllm_agree_within_3pp_for_lru_and_cachesage(fresh, crewai
         return replay(llm, crewai_slice, arm, workload="crewai", vocab_size=4096, max_prompt_tokens=MAX_PROMPT,
                       max_output_tokens=1, max_in_flight=1)
 
-    lru_run, sage_run = run(Arm()), run(PolicyArm(_eviction_only(), name="cachesage"))
-    engine_lru, engine_sage = lru_run.hit_rate, sage_run.hit_rate
+    engine_lru = run(Arm()).hit_rate
+    engine_sage = run(PolicyArm(_eviction_only(), name="cachesage")).hit_rate
     simulated_lru = simulate(crewai_slice, capacity, LRU()).hit_rate
     simulated_sage = run_cachesage(crewai_slice, capacity, "crewai", policy=_eviction_only()).hit_rate
     print(f"LRU: engine {engine_lru:.3f} simulator {simulated_lru:.3f}; "
