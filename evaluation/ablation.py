@@ -9,7 +9,10 @@ added to the level each free block gets, everything else its own:
   theirs (at least the next one up). It knows whether, not when;
 - new session: blocks whose next use is by a session that never used them are
   raised to at least the middle level. It knows which blocks spread to another
-  session, not when.
+  session, not when;
+- calls again: CacheSage's probability that an agent calls again in its
+  session (learned from its turns) replaced by the truth, 1 or 0. It knows
+  which agents are done, not when the others call.
 Where a fact closes much of the LRU→Belady gap, the gap is that fact; where it
 closes little, learning it better would not help. LRU and Belady frame the
 shares, as in ``evaluation.sweep --engine-setting``.
@@ -62,7 +65,26 @@ def knows_new_sessions(future: _Future) -> Adjust:
     return adjust
 
 
+def knows_calls_again(calls: Sequence[TraceCall]):  # noqa: ANN201 - a CacheSage
+    """CacheSage told, for each agent of a running session, whether it calls again there."""
+    from policy_workers.cachesage import CacheSage
+
+    agents: dict[str, list[str]] = {}
+    for call in calls:
+        agents.setdefault(call.session, []).append(call.agent)
+
+    class KnowsCallsAgain(CacheSage):
+        def _p_calls_again(self, w, name, session, agent, chain):  # noqa: ANN001, ANN202
+            later = agents.get(name)
+            if later is None:
+                return super()._p_calls_again(w, name, session, agent, chain)
+            return 1.0 if agent in later[len(session.seen):] else 0.0
+
+    return KnowsCallsAgain()
+
+
 FACTS: dict[str, Callable[[_Future], Adjust]] = {"deadness": knows_deadness, "new session": knows_new_sessions}
+POLICY_FACTS = {"calls again": knows_calls_again}
 
 
 def ablate(workload: str, in_flight: int) -> dict[str, float]:
@@ -75,8 +97,8 @@ def ablate(workload: str, in_flight: int) -> dict[str, float]:
                                                   in_flight)
     state = learned_state(held_out(workload, chosen, WARM_CALLS, 4032), capacity, workload, in_flight=in_flight)
 
-    def warm(adjust: Callable[[_Future], Adjust] | None = None) -> float:
-        policy, future = CacheSage(), _Future(calls)
+    def warm(adjust: Callable[[_Future], Adjust] | None = None, policy: CacheSage | None = None) -> float:
+        policy, future = policy or CacheSage(), _Future(calls)
         policy.load_state(state)
         return run_cachesage(calls, capacity, workload, in_flight=in_flight, policy=policy,
                              observe_sim=(future.on_call, lambda h: None),
@@ -86,6 +108,8 @@ def ablate(workload: str, in_flight: int) -> dict[str, float]:
              "CacheSage": warm()}
     for name, fact in FACTS.items():
         rates[f"+ {name}"] = warm(fact)
+    for name, knowing in POLICY_FACTS.items():
+        rates[f"+ {name}"] = warm(policy=knowing(calls))
     rates["Belady"] = simulate(calls, capacity, Belady(block_uses(calls), block_depths(calls)),
                                in_flight=in_flight).hit_rate
     return rates
@@ -97,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     parser.add_argument("--in-flight", type=int, default=8)
     args = parser.parse_args(argv)
-    columns = ["CacheSage", *(f"+ {name}" for name in FACTS)]
+    columns = ["CacheSage", *(f"+ {name}" for name in (*FACTS, *POLICY_FACTS))]
     print(f"| workload | capacity | in flight | LRU | {' | '.join(columns)} | Belady |")
     print("|---|---|---|---|" + "---|" * len(columns) + "---|")
     for workload in args.workloads:

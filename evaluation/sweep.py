@@ -1,6 +1,8 @@
 """Simulated prefix-cache hit rate per policy on the shared traces.
 
     .venv/bin/python -m evaluation.sweep [--workloads chatdev tau_airline ...] [--fractions 0.05 0.10]
+    .venv/bin/python -m evaluation.sweep --engine-setting [--calls N] [--in-flight 8]
+    .venv/bin/python -m evaluation.sweep --grid [--workloads crewai ag2_captainagent]
 
 Capacity = a fraction of the workload's distinct full prompt blocks (block size 32); calls in
 the order of 16 interleaved sessions. Policies: LRU (stock vLLM); TTL pinning, Continuum-like
@@ -36,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=None,
                         help="with --engine-setting: replay this many calls (whole sessions) instead of the bench's "
                              "default, capacity by the same rule (a longer window, less noise)")
+    parser.add_argument("--grid", action="store_true",
+                        help="warm CacheSage's share of the LRU->Belady gap over 12 settings around the bench's "
+                             "(a change is kept when the mean holds)")
+    parser.add_argument("--jobs", type=int, default=2, help="with --grid: processes")
     args = parser.parse_args(argv)
+    if args.grid:
+        return grid(args.workloads, args.jobs)
     if args.engine_setting:
         return engine_setting(args.workloads, args.in_flight, dict(c.split("=") for c in args.capacity), args.calls)
     print("| workload | capacity (blocks) | LRU | TTL pin (Continuum-like) | steps-to-execution (KVFlow-like) | "
@@ -91,6 +99,64 @@ def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, s
             belady = simulate(sim_calls, capacity, Belady(*future), in_flight=k).hit_rate
             print(f"| {workload} | {capacity:,} | {k} | {lru:.3f} | {cold:.3f} | {warmed:.3f} | {belady:.3f} | "
                   f"{share(cold, lru, belady)} | {share(warmed, lru, belady)} |", flush=True)
+    return 0
+
+
+GRID_SCALES = (0.75, 1.0, 1.5)  # x the bench's capacity
+GRID_IN_FLIGHT = (1, 8)
+
+
+def grid_calls(workload: str) -> tuple[int, int]:
+    """The bench's window and a longer one (crewAI's sessions are short: 400 and 1,000 calls)."""
+    from .bench import CALLS
+
+    return (CALLS[workload], 1000) if workload == "crewai" else (CALLS[workload], 2 * CALLS[workload])
+
+
+def grid_point(workload: str, calls: int, scale: float, in_flight: int) -> tuple[float, float, float, int]:
+    """(LRU, warm CacheSage, Belady, capacity) at one setting of the grid."""
+    from policy_workers.cachesage import CacheSage
+
+    from .bench import PRESSURE, WARM_CALLS, held_out, setting
+    from .simulator import learned_state
+
+    chosen, _, sim_calls, _, _, _, capacity = setting(workload, calls, 10_000, PRESSURE[workload], 4032, 8)
+    capacity = int(capacity * scale)
+    history = held_out(workload, chosen, WARM_CALLS, 4032)
+    warm = CacheSage()
+    if history:
+        warm.load_state(learned_state(history, capacity, workload, in_flight=in_flight))
+    lru = simulate(sim_calls, capacity, LRU(), in_flight=in_flight).hit_rate
+    sage = run_cachesage(sim_calls, capacity, workload, in_flight=in_flight, policy=warm).hit_rate
+    belady = simulate(sim_calls, capacity, Belady(block_uses(sim_calls), block_depths(sim_calls)),
+                      in_flight=in_flight).hit_rate
+    return lru, sage, belady, capacity
+
+
+def grid(workloads: list[str], jobs: int = 2) -> int:
+    """Warm CacheSage's share of the LRU->Belady gap at 12 settings per workload (two windows, 0.75/1/1.5 x the
+    bench's capacity, 1 and 8 in flight) and its mean over the settings with a gap of at least 0.5 pp: one
+    window and one capacity move a share by several points by chance."""
+    from concurrent.futures import ProcessPoolExecutor
+    from itertools import product
+
+    points = [(w, c, s, k) for w in workloads for c, s, k in product(grid_calls(w), GRID_SCALES, GRID_IN_FLIGHT)]
+    with ProcessPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        results = list(pool.map(grid_point, *zip(*points)))
+    print("| workload | calls | capacity (blocks) | in flight | LRU | CacheSage warm | Belady | share of the gap |")
+    print("|---|---|---|---|---|---|---|---|")
+    shares: dict[str, list[float]] = {w: [] for w in workloads}
+    for (workload, calls, _, k), (lru, sage, belady, capacity) in zip(points, results):
+        gap = belady - lru
+        share = "n/a (gap < 0.5 pp)"
+        if gap >= 0.005:
+            shares[workload].append((sage - lru) / gap)
+            share = f"{shares[workload][-1]:+.1%}"
+        print(f"| {workload} | {calls} | {capacity:,} | {k} | {lru:.3f} | {sage:.3f} | {belady:.3f} | {share} |")
+    print()
+    for workload, found in shares.items():
+        mean = f"{sum(found) / len(found):+.1%}" if found else "n/a"
+        print(f"{workload}: mean share {mean} over {len(found)} settings")
     return 0
 
 

@@ -739,6 +739,18 @@ class CacheSage(Policy):
         j = int(np.argmax(row))
         return w.model.names[j], float(row[j])
 
+    def _p_calls_again(self, w: _Workload, name: str, session: _Session, agent: str, chain: float) -> float | None:
+        """P(the agent calls again in session ``name``), ``chain`` the chain's prediction; None: the chain's stands.
+
+        Learned from the agent's calls so far in the session (its turns). On ag2 this probability
+        is most of the gap to the offline optimum (``evaluation.ablation``'s "calls again").
+        """
+        turns = session.calls_by_agent.get(agent, 0)
+        i = w.model.index.get(agent)
+        if not turns or i is None:
+            return None
+        return w.turns.p_more(turns, i + 1, prior=chain)
+
     def predict(self, workload: str, now: float) -> list[Prediction]:
         w = self._workloads.get(workload)
         if w is None:
@@ -854,9 +866,10 @@ class CacheSage(Policy):
             # P(a's next call is the t-th from now): when from the chain; whether at all from the chain and
             # from how many calls a has made in the session (agents have their turns and are done)
             chain = float(weights.sum())
-            turns = session.calls_by_agent.get(agent, 0)
-            if turns and i is not None and chain > 1e-9:
-                weights = weights * (w.turns.p_more(turns, i + 1, prior=min(chain, 1.0)) / chain)
+            if chain > 1e-9:
+                p = self._p_calls_again(w, name, session, agent, min(chain, 1.0))
+                if p is not None:
+                    weights = weights * (p / chain)
             found = inverse[user] = (1.0 / (first[None, :] + later_prompts[:, None] * (spacing * interval))
                                      ) @ weights
             return found

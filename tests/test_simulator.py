@@ -229,6 +229,28 @@ def test_an_oracle_fact_added_to_cachesage_helps_only_where_the_workload_has_it(
     assert with_fact(knows_deadness) <= simulate(calls, capacity, Belady.for_calls(calls)).hit_rate + 0.005
 
 
+def test_knowing_which_agents_call_again_closes_most_of_ag2s_gap():
+    """evaluation.ablation's "calls again": the truth in place of P(an agent calls again in its session)
+    (session 11: 49% -> 86% of the gap with 8 in flight in the bench's setting)."""
+    from evaluation.ablation import knows_calls_again
+    from evaluation.bench import CALLS, PRESSURE, setting
+
+    *_, calls, _, _, _, capacity = setting("ag2_captainagent", CALLS["ag2_captainagent"], 10_000,
+                                            PRESSURE["ag2_captainagent"], 4032, 8)
+    plain = run_cachesage(calls, capacity, "ag2_captainagent", in_flight=8).hit_rate
+    knowing = run_cachesage(calls, capacity, "ag2_captainagent", in_flight=8, policy=knows_calls_again(calls)).hit_rate
+    belady = simulate(calls, capacity, Belady.for_calls(calls), in_flight=8).hit_rate
+    assert plain + 0.02 < knowing <= belady + 0.005
+
+
+def test_a_grid_point_frames_cachesage_between_lru_and_belady():
+    from evaluation.sweep import grid_calls, grid_point
+
+    assert grid_calls("crewai") == (400, 1000) and grid_calls("chatdev") == (120, 240)
+    lru, sage, belady, capacity = grid_point("tau_airline", 400, 0.75, 8)
+    assert capacity > 0 and lru < sage <= belady + 0.005
+
+
 def test_a_simulated_cachesage_run_does_not_depend_on_the_interpreters_hash_seed():
     """Sets of block hashes iterate in an order that follows PYTHONHASHSEED; where the simulator or the policy
     let that order decide between two equal blocks, runs differed by up to 0.6 pp (this one: 0.4696 and 0.4644)."""
