@@ -1,0 +1,35 @@
+"""evaluation.bench's figures and results database, on hand-made call results (no engine needed)."""
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from evaluation.bench import metrics, save_sql
+from evaluation.engine_replay import ArmResult, CallResult
+
+
+def _result(ttfts: list[float]) -> ArmResult:
+    calls = [CallResult(session=f"s{i % 4}", agent="a", seq=i // 4, prompt_tokens=100, cached_tokens=50,
+                        submitted=float(i), first_token=float(i) + ttft, finished=float(i) + ttft + 0.1)
+             for i, ttft in enumerate(ttfts)]
+    return ArmResult(arm="stock", calls=calls, wall_s=float(len(ttfts)), output_tokens=10 * len(ttfts))
+
+
+def test_the_p99_after_the_first_burst_leaves_out_only_the_first_requests_submitted():
+    # the first 8 requests wait behind each other on an empty cache; three later ones are slow for their own reasons
+    result = _result([5.0] * 8 + [0.1] * 189 + [2.0] * 3)
+    figures = metrics(result, warmup_calls=8)
+    assert figures["ttft_p99_s"] == pytest.approx(5.0)
+    assert figures["ttft_p99_warm_s"] == pytest.approx(2.0)  # not hidden: only the burst is left out
+    assert metrics(result)["ttft_p99_warm_s"] == figures["ttft_p99_s"]
+
+
+def test_a_results_database_from_before_a_new_figure_takes_the_new_rows(tmp_path):
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    old = metrics(_result([0.2] * 20))
+    del old["ttft_p99_warm_s"]
+    save_sql(url, "before", "crewai", {}, "stock", 0, old)
+    save_sql(url, "after", "crewai", {}, "stock", 0, metrics(_result([0.2] * 20), warmup_calls=2))
+    with sa.create_engine(url).connect() as conn:
+        rows = dict(conn.execute(sa.text("SELECT run_id, ttft_p99_warm_s FROM agentrt_eval_runs")).all())
+    assert rows["before"] is None and rows["after"] == pytest.approx(0.2)
