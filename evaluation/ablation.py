@@ -12,7 +12,10 @@ added to the level each free block gets, everything else its own:
   session, not when;
 - calls again: CacheSage's probability that an agent calls again in its
   session (learned from its turns) replaced by the truth, 1 or 0. It knows
-  which agents are done, not when the others call.
+  which agents are done, not when the others call;
+- session timing: the time left before each running session's next call
+  (learned from its call interval) replaced by the truth. It knows when a
+  session calls, not which agent.
 Where a fact closes much of the LRU→Belady gap, the gap is that fact; where it
 closes little, learning it better would not help. LRU and Belady frame the
 shares, as in ``evaluation.sweep --engine-setting``.
@@ -25,7 +28,7 @@ from typing import Callable, Sequence
 
 from framework_emitter.traces import WORKLOADS, TraceCall
 
-from .simulator import SCORE_LEVELS, LRU, Belady, block_depths, block_uses, learned_state, run_cachesage, simulate
+from .simulator import CLOCK_START, SCORE_LEVELS, LRU, Belady, block_depths, block_uses, learned_state, run_cachesage, simulate
 
 Adjust = Callable[[str, int], int]
 
@@ -83,8 +86,28 @@ def knows_calls_again(calls: Sequence[TraceCall]):  # noqa: ANN201 - a CacheSage
     return KnowsCallsAgain()
 
 
+def knows_session_timing(calls: Sequence[TraceCall]):  # noqa: ANN201 - a CacheSage
+    """CacheSage told when each running session makes its next call (on the simulator's clock)."""
+    from policy_workers.cachesage import CacheSage
+
+    starts: dict[str, list[int]] = {}
+    for i, call in enumerate(calls):
+        starts.setdefault(call.session, []).append(i)
+
+    class KnowsSessionTiming(CacheSage):
+        def _session_timing(self, w, name, session, now, cycle):  # noqa: ANN001, ANN202
+            residual, interval = super()._session_timing(w, name, session, now, cycle)
+            later = starts.get(name, ())
+            made = len(session.seen)
+            if made < len(later):
+                residual = max(CLOCK_START + later[made] + 1 - now, self.config.min_residual)
+            return residual, interval
+
+    return KnowsSessionTiming()
+
+
 FACTS: dict[str, Callable[[_Future], Adjust]] = {"deadness": knows_deadness, "new session": knows_new_sessions}
-POLICY_FACTS = {"calls again": knows_calls_again}
+POLICY_FACTS = {"calls again": knows_calls_again, "session timing": knows_session_timing}
 
 
 def ablate(workload: str, in_flight: int) -> dict[str, float]:

@@ -476,6 +476,10 @@ def block_depths(calls: Sequence[TraceCall], block_size: int = 32) -> dict[str, 
     return {h: position for call in calls for position, h in enumerate(block_hashes(call.segments, block_size))}
 
 
+# The simulated clock CacheSage sees: call i of a run starts at CLOCK_START + i + 1 (one unit per call started).
+CLOCK_START = 1_000_000.0
+
+
 def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, block_size: int = 32,
                   policy=None, in_flight: int = 1, observe_sim=None,  # noqa: ANN001
                   adjust_level: Callable[[str, int], int] | None = None,
@@ -492,7 +496,7 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     owners: dict[str, tuple[str, str]] = {}
     depths: dict[str, int] = {}
     children: dict[str, dict[str, None]] = {}
-    clock = {"t": 1_000_000.0}
+    clock = {"t": CLOCK_START}
     order = Scored(book, owners.get, lambda: clock["t"], lambda h: depths.get(h, 0), lambda h: children.get(h, ()),
                    adjust_level)
     if on_order is not None:

@@ -739,6 +739,15 @@ class CacheSage(Policy):
         j = int(np.argmax(row))
         return w.model.names[j], float(row[j])
 
+    def _session_timing(self, w: _Workload, name: str, session: _Session, now: float,
+                        cycle: float) -> tuple[float, float]:
+        """(time left before session ``name`` makes its next call, its call interval), learned from its calls."""
+        interval = session.interval or w.interval or cycle
+        current = session.steps.get(session.latest)
+        elapsed = now - current.started if current is not None else 0.0
+        # Sessions do not wait exactly their mean interval: one overdue is soon, not certain.
+        return max(interval - max(elapsed, 0.0), self.config.min_residual * interval), interval
+
     def _p_calls_again(self, w: _Workload, name: str, session: _Session, agent: str, chain: float) -> float | None:
         """P(the agent calls again in session ``name``), ``chain`` the chain's prediction; None: the chain's stands.
 
@@ -841,12 +850,7 @@ class CacheSage(Policy):
         def session_timing(name: str, session: _Session) -> tuple[float, float]:
             found = timing.get(name)
             if found is None:
-                interval = session.interval or w.interval or cycle
-                current = session.steps.get(session.latest)
-                elapsed = now - current.started if current is not None else 0.0
-                # Sessions do not wait exactly their mean interval: one overdue is soon, not certain.
-                residual = max(interval - max(elapsed, 0.0), cfg.min_residual * interval)
-                found = timing[name] = (residual, interval)
+                found = timing[name] = self._session_timing(w, name, session, now, cycle)
             return found
 
         def inverse_times(user: tuple[str, str]) -> np.ndarray | None:

@@ -243,6 +243,26 @@ def test_knowing_which_agents_call_again_closes_most_of_ag2s_gap():
     assert plain + 0.02 < knowing <= belady + 0.005
 
 
+def test_knowing_when_sessions_call_is_worth_little_on_chatdev():
+    """evaluation.ablation's "session timing": the truth in place of each session's learned time to its next
+    call moves ChatDev's share by a few points only (session 11: 59% -> 67% with 8 in flight)."""
+    from evaluation.ablation import knows_session_timing
+    from evaluation.bench import CALLS, PRESSURE, WARM_CALLS, held_out, setting
+    from evaluation.simulator import learned_state
+    from policy_workers.cachesage import CacheSage
+
+    chosen, _, calls, _, _, _, capacity = setting("chatdev", CALLS["chatdev"], 10_000, PRESSURE["chatdev"], 4032, 8)
+    state = learned_state(held_out("chatdev", chosen, WARM_CALLS, 4032), capacity, "chatdev", in_flight=8)
+
+    def warm(policy: CacheSage) -> float:  # as the bench's cachesage arm
+        policy.load_state(state)
+        return run_cachesage(calls, capacity, "chatdev", in_flight=8, policy=policy).hit_rate
+
+    plain, knowing = warm(CacheSage()), warm(knows_session_timing(calls))
+    belady = simulate(calls, capacity, Belady.for_calls(calls), in_flight=8).hit_rate
+    assert plain + 0.002 < knowing < plain + (belady - plain) / 2
+
+
 def test_a_grid_point_frames_cachesage_between_lru_and_belady():
     from evaluation.sweep import grid_calls, grid_point
 
