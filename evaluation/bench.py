@@ -469,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                              "under a lighter load, where TTFT is a request's own prefill")
     parser.add_argument("--time-scale", type=float, default=0.0, help="tool gaps x this (0: back to back)")
     parser.add_argument("--act-every-s", type=float, default=0.1,
-                        help="how often the in-process policy decides (a worker's batch cadence); its time is "
-                             "charged to the engine")
+                        help="how often the in-process policy decides (a worker's batch cadence), besides at "
+                             "every engine step in which a request finished; its time is charged to the engine")
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--db", default="sqlite:///runs/eval/results.db")

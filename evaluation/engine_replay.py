@@ -104,7 +104,8 @@ class Arm:
 
     def before_submit(self, index: int) -> None: ...
 
-    def after_step(self, now: float) -> None: ...
+    def after_step(self, now: float, finished: int = 0) -> None:
+        """After an engine step in which ``finished`` requests (agent steps) ended."""
 
     def detach(self) -> None: ...
 
@@ -131,8 +132,11 @@ class PolicyArm(Arm):
         scheduler.observers.append(self._observe)
         return AgentEventEmitter(CallbackSink(self._observe), workload)
 
-    def after_step(self, now: float) -> None:
-        if now - self._last_act < self.act_every_s:
+    def after_step(self, now: float, finished: int = 0) -> None:
+        # A finished request is an agent step's end: its blocks are free now and the session's next call may
+        # allocate before a throttled act comes round (the simulator acts there too). Otherwise, a worker's
+        # batch cadence.
+        if not finished and now - self._last_act < self.act_every_s:
             return
         self._last_act = now
         began = time.perf_counter()
@@ -215,7 +219,7 @@ class OracleArm(Arm):
             return 0.0
         return max(1.0 - math.log2(1 + uses[k] - self._now) / math.log2(1 + self._n), 0.0)
 
-    def after_step(self, now: float) -> None:
+    def after_step(self, now: float, finished: int = 0) -> None:
         if not self._dirty:
             return
         self._dirty = False
@@ -383,6 +387,7 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
                 continue
             outputs = engine.step()
             now = clock()
+            finished = 0
             for out in outputs:
                 if out.request_id not in driver.in_flight:
                     continue
@@ -390,13 +395,14 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
                     first_token[out.request_id] = now
                 if not out.finished:
                     continue
+                finished += 1
                 driver.finished(out.request_id, prompt_tokens=len(out.prompt_token_ids or []),
                                 cached_tokens=int(out.num_cached_tokens or 0),
                                 output_tokens=len(out.outputs[0].token_ids) if out.outputs else 0,
                                 first_token=first_token.pop(out.request_id, now), now=now)
                 if progress:
                     progress(len(driver.results), len(order))
-            arm.after_step(now)
+            arm.after_step(now, finished)
         # The policy's own requests (prefetches) are invisible to the frontend: let them finish too,
         # so the next run starts from an idle engine.
         while runtime and scheduler.has_unfinished_requests():

@@ -243,24 +243,26 @@ def test_knowing_which_agents_call_again_closes_most_of_ag2s_gap():
     assert plain + 0.02 < knowing <= belady + 0.005
 
 
-def test_knowing_when_sessions_call_is_worth_little_on_chatdev():
+def test_knowing_when_sessions_call_changes_decisions_but_is_worth_little():
     """evaluation.ablation's "session timing": the truth in place of each session's learned time to its next
-    call moves ChatDev's share by a few points only (session 11: 59% -> 67% with 8 in flight)."""
+    call changes what CacheSage keeps, and its hit rate by under a point (session 11: -4 to +4 points of the
+    gap on the five workloads, either load)."""
     from evaluation.ablation import knows_session_timing
     from evaluation.bench import CALLS, PRESSURE, WARM_CALLS, held_out, setting
     from evaluation.simulator import learned_state
     from policy_workers.cachesage import CacheSage
 
-    chosen, _, calls, _, _, _, capacity = setting("chatdev", CALLS["chatdev"], 10_000, PRESSURE["chatdev"], 4032, 8)
-    state = learned_state(held_out("chatdev", chosen, WARM_CALLS, 4032), capacity, "chatdev", in_flight=8)
+    workload = "ag2_captainagent"
+    chosen, _, calls, _, _, _, capacity = setting(workload, CALLS[workload], 10_000, PRESSURE[workload], 4032, 8)
+    state = learned_state(held_out(workload, chosen, WARM_CALLS, 4032), capacity, workload, in_flight=8)
 
-    def warm(policy: CacheSage) -> float:  # as the bench's cachesage arm
+    def warm(policy: CacheSage):  # noqa: ANN202 - as the bench's cachesage arm
         policy.load_state(state)
-        return run_cachesage(calls, capacity, "chatdev", in_flight=8, policy=policy).hit_rate
+        return run_cachesage(calls, capacity, workload, in_flight=8, policy=policy)
 
     plain, knowing = warm(CacheSage()), warm(knows_session_timing(calls))
-    belady = simulate(calls, capacity, Belady.for_calls(calls), in_flight=8).hit_rate
-    assert plain + 0.002 < knowing < plain + (belady - plain) / 2
+    assert plain.per_call_hits != knowing.per_call_hits
+    assert abs(plain.hit_rate - knowing.hit_rate) < 0.01
 
 
 def test_a_grid_point_frames_cachesage_between_lru_and_belady():
