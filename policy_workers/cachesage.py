@@ -115,9 +115,6 @@ class _Session:
 
 
 MAX_STEPS_KEPT = 64
-# A chain column is reused until the model has had this many updates since (a call and its transition are
-# two): one transition moves it little, and recomputing it per call was most of an act's cost (crewAI).
-PMF_STALE_VERSIONS = 4
 AGES = 4  # prompts remembered per (agent, session): its latest (age 0) and the 3 before
 FORGOTTEN = AGES  # a block's users that had it in none of their last AGES prompts: they will not reuse it
 MAX_STEPS_SEEN = 4096
@@ -841,7 +838,7 @@ class CacheSage(Policy):
             found = columns.get(key)
             if found is None:
                 cached = w.pmf_cache.get(key)
-                if cached is not None and w.model.version - cached[0] < PMF_STALE_VERSIONS:
+                if cached is not None and cached[0] == w.model.version:
                     found = cached[1]
                 else:
                     if session.handoff_to:  # the framework said who is next: it is call 1
