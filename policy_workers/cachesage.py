@@ -51,10 +51,6 @@ class CacheSageConfig:
     max_turnover_s: float = 3600.0
     max_lookahead_calls: int = 32
     decision_ttl_s: float = 30.0  # every decision expires; refreshed while still true
-    # Between full rescorings an act rescores only what its new events changed: groups that gained blocks and
-    # those of sessions with events (a step that ended, a prompt stored). Acting at every step end costs the
-    # engine's thread otherwise (CacheSage in-process, 8 requests in flight).
-    rescore_all_every_s: float = 0.1
     session_idle_expiry_s: float = 900.0  # a session with no event for this long is over
     pin_threshold: float = 0.6  # next-call probability that earns a pin
     pin_ttl_cap_s: float = 30.0
@@ -341,8 +337,6 @@ class _Workload:
         self.pmf_cache: dict[tuple, tuple] = {}
         self.events_since_act = 0
         self.last_act = -math.inf
-        self.last_full_act = -math.inf
-        self.touched: set[str] = set()  # sessions with events since the last act
         self.interval = 0.0  # EWMA over sessions of call start to the session's next call start
 
     def ungroup(self, block_hash: str, block: "_Block") -> None:
@@ -442,8 +436,6 @@ class CacheSage(Policy):
             return
         w = self.workload(event.workload)
         w.events_since_act += 1
-        if getattr(event, "session", None):
-            w.touched.add(event.session)
         if w.watched_since is None or event.time < w.watched_since:
             w.watched_since = event.time
         handler(self, w, event)
@@ -969,18 +961,12 @@ class CacheSage(Policy):
         if not w.events_since_act and now - w.last_act < self.config.decision_ttl_s / 4:
             return []  # nothing new, and every decision in force is far from expiry
         w.events_since_act, w.last_act = 0, now
-        full = now - w.last_full_act >= self.config.rescore_all_every_s
-        if full:
-            w.last_full_act = now
-        decisions: list[ev.Decision] = self._eviction_scores(w, workload, now, None if full else w.touched)
-        w.touched = set()
+        decisions: list[ev.Decision] = self._eviction_scores(w, workload, now)
         decisions += self._pins_and_prefetches(w, workload, now)
         return decisions
 
-    def _eviction_scores(self, w: _Workload, workload: str, now: float,
-                         sessions: set[str] | None = None) -> list[ev.Decision]:
-        """One decision per group whose bucket changed, that gained blocks, or whose last decision is half-way to
-        expiry; with ``sessions``, of the groups that gained blocks and those these sessions use only."""
+    def _eviction_scores(self, w: _Workload, workload: str, now: float) -> list[ev.Decision]:
+        """One decision per group whose bucket changed, that gained blocks, or whose last decision is half-way to expiry."""
         cfg = self.config
         key_score = self._group_scorer(w, now)
         top, refresh_after = cfg.score_buckets - 1, cfg.decision_ttl_s / 2
@@ -990,8 +976,6 @@ class CacheSage(Policy):
             users = next((u for u in key[: FORGOTTEN + 1] if u), ())
             if not users:
                 continue  # unattributed blocks: no agent to key a decision by
-            if sessions is not None and key not in w.dirty and sessions.isdisjoint(_sessions_of(key)):
-                continue
             bucket = min(int(key_score(key, w.born.get(key, now), w.renewed.get(key, now)) * cfg.score_buckets), top)
             last = w.emitted.get(key)
             if last is not None and last[0] == bucket and now - last[1] < refresh_after and key not in w.dirty:

@@ -317,33 +317,6 @@ def test_act_emits_valid_idempotent_decisions_pins_and_prefetches():
     assert prefetch[0].decision_id == sage._decision_id("prefetch", "w", "planner", "live", 3)
 
 
-def test_between_full_rescorings_an_act_rescores_only_what_its_events_changed():
-    def run(every: float) -> tuple[CacheSage, float]:
-        # a short horizon: without evictions, scores are on its scale (one that saturates says nothing)
-        sage = CacheSage(rescore_all_every_s=every, pin_threshold=2.0, prefetch_threshold=2.0, horizon_s=0.2)
-        for k in range(10):
-            _run_session(sage, f"old-{k}", ["planner", "coder"] * 3, start=k * 100.0)
-        _run_session(sage, "a", ["planner", "coder"], start=2000.0, blocks={"planner": ["a1", "a2"]})
-        now = _run_session(sage, "b", ["planner", "coder"], start=2000.5, blocks={"planner": ["b1", "b2"]}) - 1.5
-        assert {h for d in sage.act("w", now) for h in d.block_hashes} == {"a1", "a2", "b1", "b2"}
-        return sage, now
-
-    def rescored(sage: CacheSage, now: float) -> set[str]:
-        sage.observe(ev.AgentStepStart(workload="w", agent="planner", time=now, session="a", step=2,
-                                       prefix_fingerprint="f", prefix_tokens=64))
-        sage.observe(ev.KvBlocksStored(workload="w", agent="planner", time=now, session="a", request="a-2",
-                                       block_hashes=("a1", "a2", "a3"), block_size=32))
-        return {h for d in sage.act("w", now) for h in d.block_hashes}
-
-    # Session b, just called, is overdue 10 s later (its decision not yet due for refresh): rescored, its
-    # blocks move bucket; a has events either way.
-    full, now = run(every=0.0)
-    assert rescored(full, now + 10) == {"a1", "a2", "a3", "b1", "b2"}
-    partial, now = run(every=60.0)
-    assert rescored(partial, now + 10) == {"a1", "a2", "a3"}
-    assert {h for d in partial.act("w", now + 61) for h in d.block_hashes} >= {"b1", "b2"}  # a full one again
-
-
 def test_unusable_events_are_counted_not_raised():
     sage = CacheSage()
     sage.observe(ev.AgentStepStart(workload="w", agent="a", time=1e9, session="s", step=5, prefix_fingerprint="f",
