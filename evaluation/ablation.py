@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 from framework_emitter.traces import WORKLOADS, TraceCall
 
-from .simulator import CLOCK_START, SCORE_LEVELS, LRU, Belady, block_depths, block_uses, learned_state, run_cachesage, simulate
+from .simulator import CLOCK_START, SCORE_LEVELS, LRU, Belady, block_depths, block_uses, run_cachesage, simulate
 
 Adjust = Callable[[str, int], int]
 
@@ -114,11 +114,11 @@ def ablate(workload: str, in_flight: int) -> dict[str, float]:
     """Hit rates: LRU, CacheSage warm, CacheSage warm + each fact, Belady (the bench's calls and capacity)."""
     from policy_workers.cachesage import CacheSage
 
-    from .bench import CALLS, PRESSURE, WARM_CALLS, held_out, setting
+    from .bench import CALLS, PRESSURE, setting, warm_state
 
     chosen, _, calls, _, _, _, capacity = setting(workload, CALLS[workload], 10_000, PRESSURE[workload], 4032,
                                                   in_flight)
-    state = learned_state(held_out(workload, chosen, WARM_CALLS, 4032), capacity, workload, in_flight=in_flight)
+    state, _ = warm_state(workload, chosen, capacity, in_flight)
 
     def warm(adjust: Callable[[_Future], Adjust] | None = None, policy: CacheSage | None = None) -> float:
         policy, future = policy or CacheSage(), _Future(calls)

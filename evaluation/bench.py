@@ -312,6 +312,17 @@ def held_out(workload: str, replayed: Container[str], calls: int, max_prompt_tok
     return [c.truncated(max_prompt_tokens) for c in interleave(others, 16)][:calls]
 
 
+
+def warm_state(workload: str, replayed: Container[str], capacity: int, in_flight: int, calls: int = WARM_CALLS,
+               max_prompt_tokens: int = 4032) -> tuple[dict, int]:
+    """What the bench's ``cachesage`` arm starts from: CacheSage's state learned in the simulator (at this
+    capacity and load) from up to ``calls`` calls of the workload's other sessions ({} when there are none),
+    and how many calls that was."""
+    from .simulator import learned_state
+
+    history = held_out(workload, replayed, calls, max_prompt_tokens)
+    return (learned_state(history, capacity, workload, in_flight=in_flight) if history else {}), len(history)
+
 def setting(workload: str, calls: int, max_sessions: int, fraction: float, max_prompt_tokens: int,
             in_flight: int) -> tuple[dict, list, list, int, int, float, int]:
     """What a bench run replays and at which capacity (the simulator's sweep reuses it):
@@ -333,7 +344,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
     from policy_workers.cachesage import CacheSage
 
     from .engine_replay import Arm, OracleArm, PolicyArm, replay
-    from .simulator import LRU, Belady, learned_state, run_cachesage, simulate
+    from .simulator import LRU, Belady, run_cachesage, simulate
 
     fraction = args.fraction if args.fraction is not None else PRESSURE[workload]
     sized_for = args.sized_for_in_flight or args.max_in_flight
@@ -352,10 +363,8 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
           + (f"; {args.max_in_flight} in flight (a lighter load on the same engine)"
              if sized_for != args.max_in_flight else ""), flush=True)
     k = args.max_in_flight
-    history = held_out(workload, chosen, args.warm_calls, args.max_prompt_tokens)
-    warm = learned_state(history, capacity, workload, in_flight=k) if history else {}
-    setup["warm_calls"] = len(history)
-    print(f"CacheSage's state learned from {len(history)} calls of {workload}'s other sessions (simulated, the "
+    warm, setup["warm_calls"] = warm_state(workload, chosen, capacity, k, args.warm_calls, args.max_prompt_tokens)
+    print(f"CacheSage's state learned from {setup['warm_calls']} calls of {workload}'s other sessions (simulated, the "
           f"replayed sessions excluded); cachesage-cold starts from nothing", flush=True)
 
     def cachesage(warmed: bool, **overrides: Any) -> CacheSage:

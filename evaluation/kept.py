@@ -18,8 +18,8 @@ import argparse
 from collections import Counter
 
 from .ablation import _Future
-from .bench import CALLS, PRESSURE, WARM_CALLS, held_out, setting
-from .simulator import Scored, learned_state, run_cachesage
+from .bench import CALLS, PRESSURE, setting, warm_state
+from .simulator import Scored, run_cachesage
 
 CLASS_NAMES = ("head", "reused", "newest message", "newest message, long reply")
 
@@ -48,8 +48,7 @@ def tally(workload: str, in_flight: int, capacity: int | None = None) -> tuple[f
     capacity = capacity or rule
     future = _Future(calls)
     sage = CacheSage()
-    sage.load_state(learned_state(held_out(workload, chosen, WARM_CALLS, 4032), capacity, workload,
-                                  in_flight=in_flight))
+    sage.load_state(warm_state(workload, chosen, capacity, in_flight)[0])
     found = {"evictions": 0, "live": 0}
     orders: list[Scored] = []
     kept, victims = Counter(), Counter()

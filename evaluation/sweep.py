@@ -74,8 +74,7 @@ def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, s
     evaluation.bench replays, serial and with requests in flight."""
     from policy_workers.cachesage import CacheSage
 
-    from .bench import CALLS, PRESSURE, WARM_CALLS, held_out, setting
-    from .simulator import learned_state
+    from .bench import CALLS, PRESSURE, setting, warm_state
 
     def share(hit: float, lru: float, belady: float) -> str:
         return f"{(hit - lru) / (belady - lru):+.0%}" if belady - lru > 0.005 else "n/a (gap < 0.5 pp)"
@@ -87,12 +86,10 @@ def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, s
         chosen, _, sim_calls, _, _, _, capacity = setting(workload, calls or CALLS[workload], 10_000,
                                                           PRESSURE[workload], 4032, in_flight)
         capacity = int(capacities.get(workload, capacity))
-        history = held_out(workload, chosen, WARM_CALLS, 4032)
         future = block_uses(sim_calls), block_depths(sim_calls)
         for k in dict.fromkeys((1, in_flight)):  # once when in_flight is 1
             warm = CacheSage()
-            if history:
-                warm.load_state(learned_state(history, capacity, workload, in_flight=k))
+            warm.load_state(warm_state(workload, chosen, capacity, k)[0])
             lru = simulate(sim_calls, capacity, LRU(), in_flight=k).hit_rate
             cold = run_cachesage(sim_calls, capacity, workload, in_flight=k).hit_rate
             warmed = run_cachesage(sim_calls, capacity, workload, in_flight=k, policy=warm).hit_rate
@@ -117,15 +114,12 @@ def grid_point(workload: str, calls: int, scale: float, in_flight: int) -> tuple
     """(LRU, warm CacheSage, Belady, capacity) at one setting of the grid."""
     from policy_workers.cachesage import CacheSage
 
-    from .bench import PRESSURE, WARM_CALLS, held_out, setting
-    from .simulator import learned_state
+    from .bench import PRESSURE, setting, warm_state
 
     chosen, _, sim_calls, _, _, _, capacity = setting(workload, calls, 10_000, PRESSURE[workload], 4032, 8)
     capacity = int(capacity * scale)
-    history = held_out(workload, chosen, WARM_CALLS, 4032)
     warm = CacheSage()
-    if history:
-        warm.load_state(learned_state(history, capacity, workload, in_flight=in_flight))
+    warm.load_state(warm_state(workload, chosen, capacity, in_flight)[0])
     lru = simulate(sim_calls, capacity, LRU(), in_flight=in_flight).hit_rate
     sage = run_cachesage(sim_calls, capacity, workload, in_flight=in_flight, policy=warm).hit_rate
     belady = simulate(sim_calls, capacity, Belady(block_uses(sim_calls), block_depths(sim_calls)),
