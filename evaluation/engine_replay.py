@@ -121,6 +121,7 @@ class PolicyArm(Arm):
         # Seconds of the engine's thread this arm spent on the policy and on applying its decisions.
         self.cost_s = {"observe": 0.0, "act": 0.0, "apply": 0.0}
         self.decisions = 0
+        self.acts = 0
 
     def _observe(self, event: Any) -> None:
         began = time.perf_counter()
@@ -139,6 +140,7 @@ class PolicyArm(Arm):
         if not finished and now - self._last_act < self.act_every_s:
             return
         self._last_act = now
+        self.acts += 1
         began = time.perf_counter()
         decisions = self.policy.act(self.workload, now)
         acted = time.perf_counter()

@@ -33,3 +33,30 @@ def test_a_results_database_from_before_a_new_figure_takes_the_new_rows(tmp_path
     with sa.create_engine(url).connect() as conn:
         rows = dict(conn.execute(sa.text("SELECT run_id, ttft_p99_warm_s FROM agentrt_eval_runs")).all())
     assert rows["before"] is None and rows["after"] == pytest.approx(0.2)
+
+
+class _CountingPolicy:
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.acts = 0
+
+    def act(self, workload, now):  # noqa: ANN001, ANN201
+        self.acts += 1
+        return []
+
+
+def test_the_in_engine_policy_acts_at_every_step_end_and_otherwise_at_its_cadence():
+    from evaluation.engine_replay import PolicyArm
+
+    policy = _CountingPolicy()
+    arm = PolicyArm(policy, act_every_s=0.1)
+    arm.workload, arm.scheduler = "w", None
+    for step in range(1, 11):  # a request finishes every 10 ms: an act after each
+        arm.after_step(100.0 + 0.01 * step, finished=1)
+    assert policy.acts == arm.acts == 10
+    for step in range(1, 10):  # steps with nothing finished, within 0.1 s of the last act: none
+        arm.after_step(100.1 + 0.01 * step, finished=0)
+    assert policy.acts == 10
+    arm.after_step(100.1 + 0.11, finished=0)  # the cadence comes round
+    assert policy.acts == 11
