@@ -206,7 +206,8 @@ class AgentRuntimeScheduler(Scheduler):
             self._unlink(hx)
             self._children.pop(hx, None)
             self._agent_hashes.get(old.key, set()).discard(hx)
-        if agent and num_full_blocks:
+        prefetch = bool(request_tags(request).get("agentrt.prefetch"))
+        if agent and num_full_blocks and not prefetch:  # a prefetch is no prompt of the agent's: keep its own
             key = (workload, agent, session)
             self._prefixes[key] = (request, num_full_blocks)
             self._prefixes.move_to_end(key)
@@ -215,7 +216,7 @@ class AgentRuntimeScheduler(Scheduler):
         if hashes:
             self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=time.time(),
                                          request=request.request_id, block_hashes=tuple(hashes),
-                                         block_size=self._block_size, start_index=start))
+                                         block_size=self._block_size, start_index=start, prefetch=prefetch or None))
 
     def _report_chain(self, request: Any, workload: str, agent: str, session: str | None, now: float) -> None:
         """A newly scheduled request's whole prompt chain, when computing it cached no new block (all hits)."""
@@ -229,7 +230,8 @@ class AgentRuntimeScheduler(Scheduler):
         if chain:
             self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=now,
                                          request=request.request_id, block_hashes=tuple(chain),
-                                         block_size=self._block_size, start_index=0))
+                                         block_size=self._block_size, start_index=0,
+                                         prefetch=bool(request_tags(request).get("agentrt.prefetch")) or None))
 
     def _on_block_evicted(self, hx: str) -> None:
         owner = self._owners.pop(hx, None)

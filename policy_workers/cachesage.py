@@ -599,6 +599,9 @@ class CacheSage(Policy):
             w.regroup(moved, old, new)
 
     def _on_blocks_stored(self, w: _Workload, event: ev.KvBlocksStored) -> None:
+        if event.prefetch:
+            self._on_prefetched(w, event)
+            return
         user = (event.agent, event.session) if event.agent and event.session else None
         new_keys: dict[tuple, tuple] = {}
         moves: dict[tuple[tuple | None, tuple], list[str]] = {}
@@ -639,10 +642,31 @@ class CacheSage(Policy):
                 w.replies.setdefault(user, deque(maxlen=AGES)).appendleft(False)
                 hashes = list(event.block_hashes)
             w.prefix_of[user] = (event.request, hashes)
+        self._forget_oldest(w)
+
+    def _forget_oldest(self, w: _Workload) -> None:
         while len(w.blocks) > self.config.max_blocks:
             block_hash, block = w.blocks.popitem(last=False)
             if block.resident:
                 w.ungroup(block_hash, block)
+
+    def _on_prefetched(self, w: _Workload, event: ev.KvBlocksStored) -> None:
+        """A prefetch recomputed these blocks: resident again as they were known. No prompt read them, so
+        nobody's prompt ages, nothing is learned about reuse and the blocks' users stay as they were."""
+        back: dict[tuple, list[str]] = {}
+        for position, block_hash in enumerate(event.block_hashes, start=event.start_index):
+            block = w.blocks.get(block_hash)
+            if block is None:
+                block = w.blocks[block_hash] = _Block(((),) * (AGES + 1) + (0, tail_class(position, math.inf)),
+                                                      born=event.time, renewed=event.time)
+            else:
+                w.blocks.move_to_end(block_hash)
+            if not block.resident:
+                block.resident = True
+                back.setdefault(block.key, []).append(block_hash)
+        for key, hashes in back.items():
+            w.regroup(hashes, None, key)
+        self._forget_oldest(w)
 
     def _newest_from(self, w: _Workload, event: ev.KvBlocksStored) -> float:
         """The first block of the prompt's newest message, from its step's ``prefix_tokens`` (inf: unknown,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 1  # 1.1: kv_blocks_stored.start_index
+SCHEMA_MINOR = 2  # 1.1: kv_blocks_stored.start_index; 1.2: kv_blocks_stored.prefetch
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 
@@ -72,6 +72,7 @@ WIRE_NAMES: dict[str, str] = {
     "block_hashes": "agentrt.kv.block_hashes",
     "parent_block_hash": "agentrt.kv.parent_block_hash",
     "start_index": "agentrt.kv.start_index",
+    "prefetch": "agentrt.kv.prefetch",
     "block_size": "agentrt.kv.block_size",
     "medium": "agentrt.kv.medium",
     "policy": "agentrt.policy.name",
@@ -261,6 +262,8 @@ class KvBlocksStored(EngineEvent):
 
     ``agent`` is empty when the engine could not attribute them. ``start_index``
     is the chain position of ``block_hashes[0]`` (0: the chain from its first block).
+    ``prefetch``: a policy's prefetch request computed them for ``agent`` (no prompt
+    of the agent read them: not a step of the agent's).
     """
 
     type_name: ClassVar[str] = "kv_blocks_stored"
@@ -269,6 +272,7 @@ class KvBlocksStored(EngineEvent):
     parent_block_hash: str | None = None
     medium: str | None = None
     start_index: int = 0
+    prefetch: bool | None = None
 
 
 @register
@@ -386,6 +390,10 @@ def _check(value: Any, annotation: Any, where: str) -> Any:
     if annotation is str:
         if not isinstance(value, str):
             raise EventValidationError(f"attribute {where!r}: expected a string, got {_describe(value)}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise EventValidationError(f"attribute {where!r}: expected true or false, got {_describe(value)}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -25,6 +25,7 @@ def every_event_type(workload: str = "chatdev", agent: str = "Programmer") -> li
         ev.RequestFinished(**common, prompt_tokens=2505, cached_tokens=2240, output_tokens=4, queue_time_s=0.01,
                            ttft_s=0.12, e2e_s=0.3, finish_reason="stop"),
         ev.KvBlocksStored(**common, block_hashes=("ab12", "cd34"), block_size=32, parent_block_hash="0f", medium="GPU"),
+        ev.KvBlocksStored(**common, block_hashes=("cd34",), block_size=32, start_index=1, prefetch=True),
         ev.KvBlocksRemoved(**common, block_hashes=("ab12",), medium="GPU"),
         ev.KvAllBlocksCleared(**common),
         ev.EvictionScore(**common, **decision, score=0.8),

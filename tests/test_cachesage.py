@@ -435,6 +435,33 @@ def _prompt(sage: CacheSage, session: str, agent: str, step: int, chain: list[st
                                  output_tokens=reply_tokens))
 
 
+def test_a_prefetch_brings_blocks_back_without_counting_as_a_prompt_of_the_agent():
+    """A prefetch recomputes evicted blocks for an agent: they are resident again with what was known of
+    them, and what CacheSage learns from the agent's next prompt is as if the prefetch had not happened."""
+    def run(prefetch: bool) -> CacheSage:
+        sage = CacheSage()
+        system, first = [f"sys-{i}" for i in range(4)], [f"a-{i}" for i in range(4)]
+        _prompt(sage, "s", "coder", 0, system + first, 0.0)
+        _prompt(sage, "s", "reviewer", 1, [f"r-{i}" for i in range(4)], 1.0)
+        sage.observe(ev.KvBlocksRemoved(workload="w", agent="", time=1.8, block_hashes=tuple(system + first)))
+        if prefetch:
+            sage.observe(ev.KvBlocksStored(workload="w", agent="coder", session="s", time=1.9,
+                                           request="agentrt-prefetch-1", block_hashes=tuple(system + first),
+                                           block_size=32, prefetch=True))
+            w = sage.workload("w")
+            assert all(w.blocks[h].resident for h in system + first)
+            assert w.prefix_of[("coder", "s")][0] == "s-0"  # still the coder's latest prompt
+            assert {h for members in w.groups.values() for h in members} >= set(system + first)
+        _prompt(sage, "s", "coder", 2, system + first + [f"b-{i}" for i in range(4)], 2.0)
+        return sage
+
+    with_prefetch, without = run(True), run(False)
+    a, b = with_prefetch.workload("w"), without.workload("w")
+    assert a.prefix_of == b.prefix_of and a.earlier == b.earlier
+    assert json.dumps(with_prefetch.to_state(), sort_keys=True) == json.dumps(without.to_state(), sort_keys=True)
+    assert {h: blk.key for h, blk in a.blocks.items()} == {h: blk.key for h, blk in b.blocks.items()}
+
+
 def test_reuse_hazard_learns_prompt_families_that_come_back_a_call_later():
     """An agent alternating two prompt families (one per peer) reuses the other family's blocks at age 1,
     never the latest prompt's tail at age 0; the system prompt at any age."""

@@ -58,6 +58,16 @@ def test_validation_names_the_offending_attribute(changes, reason):
     assert reason in caught.value.reason
 
 
+def test_a_prefetch_flag_is_true_or_false_and_left_out_when_unset():
+    stored = ev.KvBlocksStored(workload="w", agent="a", time=1.7e9, block_hashes=("ab",), block_size=32)
+    assert "agentrt.kv.prefetch" not in stored.to_wire()
+    wire = {**stored.to_wire(), "agentrt.kv.prefetch": True}
+    assert ev.from_wire(wire).prefetch is True
+    with pytest.raises(ev.EventValidationError) as caught:
+        ev.from_wire({**wire, "agentrt.kv.prefetch": 1})
+    assert "attribute 'agentrt.kv.prefetch': expected true or false, got 1" in caught.value.reason
+
+
 def test_a_newer_minor_version_may_add_attributes():
     event = ev.from_wire(_wire(schema_version="1.7", **{"agentrt.future.thing": 3}))
     assert event.to_agent == "b"

@@ -255,8 +255,18 @@ def test_prefetch_restores_an_evicted_prefix_before_the_call(fresh, engine_confi
     before = scheduler.feed.counters["received"]
     _publish(engine_config, _decision(ev.Prefetch, "planner", f"pf-{time.time()}", session="s1", probability=0.9))
     _delivered(scheduler, before + 1)
-    _call(llm, "reviewer", 0)  # any step applies it; the prefetch runs beside this request
+    stored: list[ev.KvBlocksStored] = []
+    scheduler.observers.append(lambda e: stored.append(e) if isinstance(e, ev.KvBlocksStored) else None)
+    try:
+        _call(llm, "reviewer", 0)  # any step applies it; the prefetch runs beside this request
+    finally:
+        scheduler.observers.pop()
     assert scheduler.agentrt_counters["prefetches_issued"] == issued + 1
+    # Its blocks are reported as a prefetch's for the planner, not as a prompt of the planner's.
+    assert [e.prefetch for e in stored if e.agent == "planner"] == [True]
+    assert not [e for e in stored if e.agent == "reviewer" and e.prefetch]
+    source, _ = scheduler._prefixes[("w", "planner", "s1")]
+    assert not source.request_id.startswith("agentrt-prefetch-")
     # Its cost is the tokens it computed: the evicted prefix, none of the reviewer's.
     assert 0 < scheduler.agentrt_counters["prefetch_computed_tokens"] - computed <= PREFIX_TOKENS
     assert _call(llm, "planner", 1)[0] == PREFIX_TOKENS
