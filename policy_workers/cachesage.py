@@ -1044,6 +1044,12 @@ class CacheSage(Policy):
             agent, probability = nxt
             if session.acted_step == (session.step, agent):
                 continue  # one pin/prefetch per predicted call
+            # The chain says who comes next if the session goes on; whether that agent calls again at all
+            # (its turns so far) says whether it does. Without it, a session that ends after the step
+            # (half of crewAI's) held pins and drew prefetches for a call that never came.
+            again = self._p_calls_again(w, name, session, agent, probability)
+            if again is not None:
+                probability *= again
             _, latest = w.prefix_of.get((agent, name), (None, []))
             i = w.model.index.get(agent)
             replies = w.replies.get((agent, name))

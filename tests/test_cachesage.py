@@ -317,6 +317,21 @@ def test_act_emits_valid_idempotent_decisions_pins_and_prefetches():
     assert prefetch[0].decision_id == sage._decision_id("prefetch", "w", "planner", "live", 3)
 
 
+def test_no_pin_or_prefetch_for_a_session_its_agent_is_done_with():
+    """A file analyst reads its document twice per session, then the session ends: after its first call
+    its prefix is pinned for the second; after the second nothing is held for a call that never comes."""
+    sage = CacheSage(pin_threshold=0.5, prefetch_threshold=0.5)
+    for k in range(20):
+        end = _run_session(sage, f"old-{k}", ["analyst", "analyst"], start=k * 100.0)
+        sage.observe(ev.SessionEnd(workload="w", agent="analyst", time=end, session=f"old-{k}"))
+    doc = {"analyst": ["sys", "doc-1", "doc-2"]}
+    once = _run_session(sage, "live-1", ["analyst"], start=5000.0, blocks=doc)
+    pins = [d for d in sage.act("w", once) if isinstance(d, ev.Pin)]
+    assert len(pins) == 1 and pins[0].session == "live-1"
+    twice = _run_session(sage, "live-2", ["analyst", "analyst"], start=6000.0, blocks=doc)
+    assert not [d for d in sage.act("w", twice) if isinstance(d, (ev.Pin, ev.Prefetch)) and d.session == "live-2"]
+
+
 def test_unusable_events_are_counted_not_raised():
     sage = CacheSage()
     sage.observe(ev.AgentStepStart(workload="w", agent="a", time=1e9, session="s", step=5, prefix_fingerprint="f",
