@@ -59,6 +59,14 @@ def request_tags(request: Any) -> dict[str, Any]:
     return getattr(request.sampling_params, "extra_args", None) or {}
 
 
+PREFETCH_TAG = "agentrt.prefetch"
+
+
+def is_prefetch(request: Any) -> bool:
+    """Whether the request is a policy's prefetch (no agent's prompt: its blocks are reported as a prefetch's)."""
+    return bool(request_tags(request).get(PREFETCH_TAG))
+
+
 def request_identity(request: Any, default_workload: str) -> tuple[str, str, str | None]:
     """(workload, agent, session) of a vLLM request; agent '' when the framework sent none."""
     extra = request_tags(request)
@@ -206,7 +214,7 @@ class AgentRuntimeScheduler(Scheduler):
             self._unlink(hx)
             self._children.pop(hx, None)
             self._agent_hashes.get(old.key, set()).discard(hx)
-        prefetch = bool(request_tags(request).get("agentrt.prefetch"))
+        prefetch = is_prefetch(request)
         if agent and num_full_blocks and not prefetch:  # a prefetch is no prompt of the agent's: keep its own
             key = (workload, agent, session)
             self._prefixes[key] = (request, num_full_blocks)
@@ -231,7 +239,7 @@ class AgentRuntimeScheduler(Scheduler):
             self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=now,
                                          request=request.request_id, block_hashes=tuple(chain),
                                          block_size=self._block_size, start_index=0,
-                                         prefetch=bool(request_tags(request).get("agentrt.prefetch")) or None))
+                                         prefetch=is_prefetch(request) or None))
 
     def _on_block_evicted(self, hx: str) -> None:
         owner = self._owners.pop(hx, None)
@@ -374,7 +382,7 @@ class AgentRuntimeScheduler(Scheduler):
         from vllm.v1.request import Request
 
         tags = {"agentrt.workload": decision.workload, "agentrt.agent": decision.agent,
-                "agentrt.session": decision.session, "agentrt.prefetch": True}
+                "agentrt.session": decision.session, PREFETCH_TAG: True}
         request = Request(request_id=f"agentrt-prefetch-{uuid.uuid4().hex}", prompt_token_ids=list(tokens),
                           sampling_params=SamplingParams(max_tokens=1, temperature=0.0, extra_args=tags),
                           pooling_params=None, arrival_time=now, block_hasher=self._block_hasher)
@@ -468,7 +476,7 @@ class AgentRuntimeScheduler(Scheduler):
             stats = request.prefill_stats
             cached = stats.num_cached_tokens if stats is not None else 0
             self._timing[request.request_id] = {"scheduled_at": now, "cached": cached}
-            if request_tags(request).get("agentrt.prefetch"):
+            if is_prefetch(request):
                 # What a prefetch costs is what it computes: its resident head is a hit like any request's.
                 self.agentrt_counters["prefetch_computed_tokens"] += request.num_prompt_tokens - cached
             self._report_chain(request, workload, agent, session, now)

@@ -134,6 +134,11 @@ class _Block:
     born: float = 0.0  # when it was first stored
     renewed: float = 0.0  # when a session new to it last used it (``born`` until a second session does)
 
+    @classmethod
+    def new(cls, block_class: int, now: float, request: str | None = None) -> "_Block":
+        """A block first seen now: no users, no sessions yet, and its class."""
+        return cls(((),) * (AGES + 1) + (0, block_class), request=request, born=now, renewed=now)
+
 
 # Chain positions (in blocks) at which prompt retention is learned; a block uses the bin it falls in.
 RETENTION_BOUNDS = (0, 4, 8, 16, 32, 64, 128)
@@ -610,8 +615,7 @@ class CacheSage(Policy):
         for position, block_hash in enumerate(event.block_hashes, start=event.start_index):
             block = w.blocks.get(block_hash)
             if block is None:
-                block = w.blocks[block_hash] = _Block(((),) * (AGES + 1) + (0, tail_class(position, newest_from)),
-                                                      request=event.request, born=event.time, renewed=event.time)
+                block = w.blocks[block_hash] = _Block.new(tail_class(position, newest_from), event.time, event.request)
             else:
                 w.blocks.move_to_end(block_hash)
             old = block.key
@@ -657,8 +661,7 @@ class CacheSage(Policy):
         for position, block_hash in enumerate(event.block_hashes, start=event.start_index):
             block = w.blocks.get(block_hash)
             if block is None:
-                block = w.blocks[block_hash] = _Block(((),) * (AGES + 1) + (0, tail_class(position, math.inf)),
-                                                      born=event.time, renewed=event.time)
+                block = w.blocks[block_hash] = _Block.new(tail_class(position, math.inf), event.time)
             else:
                 w.blocks.move_to_end(block_hash)
             if not block.resident:
