@@ -226,7 +226,8 @@ class AgentRuntimeScheduler(Scheduler):
                                          request=request.request_id, block_hashes=tuple(hashes),
                                          block_size=self._block_size, start_index=start, prefetch=prefetch or None))
 
-    def _report_chain(self, request: Any, workload: str, agent: str, session: str | None, now: float) -> None:
+    def _report_chain(self, request: Any, workload: str, agent: str, session: str | None, now: float,
+                      prefetch: bool) -> None:
         """A newly scheduled request's whole prompt chain, when computing it cached no new block (all hits)."""
         if request.request_id in self._reported:
             return
@@ -238,8 +239,7 @@ class AgentRuntimeScheduler(Scheduler):
         if chain:
             self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=now,
                                          request=request.request_id, block_hashes=tuple(chain),
-                                         block_size=self._block_size, start_index=0,
-                                         prefetch=is_prefetch(request) or None))
+                                         block_size=self._block_size, start_index=0, prefetch=prefetch or None))
 
     def _on_block_evicted(self, hx: str) -> None:
         owner = self._owners.pop(hx, None)
@@ -476,10 +476,11 @@ class AgentRuntimeScheduler(Scheduler):
             stats = request.prefill_stats
             cached = stats.num_cached_tokens if stats is not None else 0
             self._timing[request.request_id] = {"scheduled_at": now, "cached": cached}
-            if is_prefetch(request):
+            prefetch = is_prefetch(request)
+            if prefetch:
                 # What a prefetch costs is what it computes: its resident head is a hit like any request's.
                 self.agentrt_counters["prefetch_computed_tokens"] += request.num_prompt_tokens - cached
-            self._report_chain(request, workload, agent, session, now)
+            self._report_chain(request, workload, agent, session, now, prefetch)
             if agent:
                 self._emit(ev.RequestScheduled(workload=workload, agent=agent, session=session, time=now,
                                                request=request.request_id, prompt_tokens=request.num_prompt_tokens,

@@ -312,7 +312,6 @@ def held_out(workload: str, replayed: Container[str], calls: int, max_prompt_tok
     return [c.truncated(max_prompt_tokens) for c in interleave(others, 16)][:calls]
 
 
-
 def warm_state(workload: str, replayed: Container[str], capacity: int, in_flight: int, calls: int = WARM_CALLS,
                max_prompt_tokens: int = 4032) -> tuple[dict, int]:
     """What the bench's ``cachesage`` arm starts from: CacheSage's state learned in the simulator (at this
@@ -322,6 +321,7 @@ def warm_state(workload: str, replayed: Container[str], capacity: int, in_flight
 
     history = held_out(workload, replayed, calls, max_prompt_tokens)
     return (learned_state(history, capacity, workload, in_flight=in_flight) if history else {}), len(history)
+
 
 def setting(workload: str, calls: int, max_sessions: int, fraction: float, max_prompt_tokens: int,
             in_flight: int) -> tuple[dict, list, list, int, int, float, int]:
