@@ -12,7 +12,8 @@ It runs inside EngineCore, where vLLM decides eviction (docs/engine_emitter.md):
   free block queue (lowest score evicted first, LRU within a score level),
   pins hold a block's extra reference until their TTL (capped fraction),
   prefetch recomputes an agent's evicted prefix with a 1-token request
-  (the CPU backend has no lower KV tier to load from).
+  (the CPU backend has no lower KV tier to load from), held back while any
+  request waits so it only fills capacity no request asks for.
 
 Agent identity comes with each request in ``SamplingParams.extra_args``
 (``vllm_xargs`` on the OpenAI server) as ``agentrt.workload`` /
@@ -105,6 +106,9 @@ class AgentRuntimeScheduler(Scheduler):
         # (workload, agent, session) -> (request, full blocks) of its latest cached prefix, for prefetch;
         # token ids and hashes are read from the request only when a prefetch needs them.
         self._prefixes: OrderedDict[tuple[str, str, str | None], tuple[Any, int]] = OrderedDict()
+        # (workload, session) -> (prefetch request, its chain, expires at): held until no request waits, so
+        # a prefetch never delays a request's prefill; a request of the same session supersedes it.
+        self._held_prefetches: OrderedDict[tuple[str, str | None], tuple[Any, list[str], float]] = OrderedDict()
         self._now = time.time()  # one clock read per step
         self._block_hasher: Any = None  # vLLM's, taken from the first request (prefetches need it)
         self._reported: dict[str, int] = {}  # request id -> leading blocks of its chain already reported stored
@@ -167,6 +171,7 @@ class AgentRuntimeScheduler(Scheduler):
                 self._parents.clear()
                 self._orphans.clear()
                 self._agent_hashes.clear()
+                self.cancel_prefetches()
                 for workload in sorted(workloads):
                     self._emit(ev.KvAllBlocksCleared(workload=workload, agent="engine", time=time.time()))
             return done
@@ -386,9 +391,34 @@ class AgentRuntimeScheduler(Scheduler):
         request = Request(request_id=f"agentrt-prefetch-{uuid.uuid4().hex}", prompt_token_ids=list(tokens),
                           sampling_params=SamplingParams(max_tokens=1, temperature=0.0, extra_args=tags),
                           pooling_params=None, arrival_time=now, block_hasher=self._block_hasher)
-        super().add_request(request)  # outputs of ids the frontend never issued are ignored by it
-        self.agentrt_counters["prefetches_issued"] += 1
-        self.agentrt_counters["prefetch_prompt_tokens"] += len(tokens)
+        key = (decision.workload, decision.session)
+        if key in self._held_prefetches:
+            self.agentrt_counters["prefetches_replaced"] += 1
+        self._held_prefetches[key] = (request, chain, decision.expires_at)
+        self._held_prefetches.move_to_end(key)
+
+    def _admit_prefetches(self, now: float) -> None:
+        """Queue the held prefetches (nothing waits): those still needed, oldest decision first."""
+        while self._held_prefetches:
+            _, (request, chain, expires_at) = self._held_prefetches.popitem(last=False)
+            if expires_at <= now:
+                self.agentrt_counters["prefetches_expired"] += 1
+            elif all(self._cached_block(hx) is not None for hx in chain):
+                self.agentrt_counters["prefetch_already_resident"] += 1
+            else:
+                super().add_request(request)  # outputs of ids the frontend never issued are ignored by it
+                self.agentrt_counters["prefetches_issued"] += 1
+                self.agentrt_counters["prefetch_prompt_tokens"] += request.num_prompt_tokens
+
+    def cancel_prefetches(self) -> int:
+        """Drop the prefetches not yet queued (an evaluation between runs); returns how many."""
+        count = len(self._held_prefetches)
+        self._held_prefetches.clear()
+        return count
+
+    def has_unfinished_requests(self) -> bool:
+        # A held prefetch is work: an idle engine must still step to run it.
+        return super().has_unfinished_requests() or bool(self._held_prefetches)
 
     def _cached_block(self, hx: str) -> Any | None:
         # KV cache group 0: the only group of the decoder-only models this targets; hybrid
@@ -450,6 +480,8 @@ class AgentRuntimeScheduler(Scheduler):
             self._block_hasher = getattr(request, "_block_hasher", None)
         super().add_request(request)
         workload, agent, session = request_identity(request, self.default_workload)
+        if self._held_prefetches.pop((workload, session), None) is not None:
+            self.agentrt_counters["prefetches_superseded"] += 1  # the call came first: it computes its prefix
         if agent:
             self._emit(ev.RequestQueued(workload=workload, agent=agent, session=session, time=time.time(),
                                         request=request.request_id, prompt_tokens=request.num_prompt_tokens,
@@ -461,6 +493,8 @@ class AgentRuntimeScheduler(Scheduler):
             self.apply_decisions(self.feed.drain())
         else:
             self._release_pins(now)
+        if self._held_prefetches and not self.get_request_counts()[1]:
+            self._admit_prefetches(now)
         if now - self._last_expiry > 1.0:
             self.book.expire(now)
             self._last_expiry = now

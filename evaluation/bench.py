@@ -420,6 +420,9 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
             if isinstance(arm, PolicyArm):
                 cost = (f" (policy in the engine's thread: observe {arm.cost_s['observe']:.1f} s, act "
                         f"{arm.cost_s['act']:.1f} s in {arm.acts:,} acts, applying {arm.decisions:,} decisions {arm.cost_s['apply']:.1f} s)")
+                prefetches = {k: v for k, v in result.counters.items() if k.startswith("prefetch")}
+                if prefetches:
+                    cost += " " + ", ".join(f"{k} {v:,}" for k, v in sorted(prefetches.items()))
             print(f"\r{workload} {arm_name} #{repeat + 1}: hit {figures['hit_rate']:.3f}, mean TTFT "
                   f"{figures['ttft_mean_s']:.3f} s, {time.perf_counter() - began:.0f} s{cost}", flush=True)
     del stock_llm, runtime_llm

@@ -67,7 +67,7 @@ class ArmResult:
     wall_s: float
     output_tokens: int
     prefetch_tokens: int = 0  # prompt tokens the prefetches computed (their resident heads were hits)
-    counters: dict[str, Any] = field(default_factory=dict)
+    counters: dict[str, Any] = field(default_factory=dict)  # the engine's agentrt counters, this run's change
 
     @property
     def prompt_tokens(self) -> int:
@@ -367,7 +367,7 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
     if not runtime and type(arm) is not Arm:
         raise RuntimeError(f"arm {arm.name!r} needs AgentRuntimeScheduler in this process")
     emitter = arm.attach(scheduler, workload) if runtime else None
-    prefetch_before = scheduler.agentrt_counters["prefetch_computed_tokens"] if runtime else 0
+    counters_before = dict(scheduler.agentrt_counters) if runtime else {}
     driver = ReplayDriver(order, workload=workload, vocab_size=vocab_size, max_prompt_tokens=max_prompt_tokens,
                           max_output_tokens=max_output_tokens, max_in_flight=max_in_flight, time_scale=time_scale,
                           emitter=emitter)
@@ -384,9 +384,9 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
                 params = SamplingParams(max_tokens=sent.max_tokens, temperature=0.0, ignore_eos=True,
                                         extra_args=sent.tags)
                 engine.add_request(sent.request_id, {"prompt_token_ids": sent.token_ids}, params)
-            if not driver.in_flight:
+            if not driver.in_flight and not (runtime and scheduler.has_unfinished_requests()):
                 time.sleep(min(driver.wait_s(now), 0.05))
-                continue
+                continue  # (an idle engine still steps the policy's prefetches: that is their time)
             outputs = engine.step()
             now = clock()
             finished = 0
@@ -405,16 +405,18 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
                 if progress:
                     progress(len(driver.results), len(order))
             arm.after_step(now, finished)
-        # The policy's own requests (prefetches) are invisible to the frontend: let them finish too,
-        # so the next run starts from an idle engine.
+        # The policy's own requests (prefetches) are invisible to the frontend: drop those not yet queued
+        # (no call is left to use them) and let the rest finish, so the next run starts from an idle engine.
+        if runtime:
+            scheduler.cancel_prefetches()
         while runtime and scheduler.has_unfinished_requests():
             engine.step()
     finally:
         arm.detach()
     driver.warn_truncated()
-    prefetch = 0
     counters: dict[str, Any] = {}
-    if runtime:
-        prefetch = scheduler.agentrt_counters["prefetch_computed_tokens"] - prefetch_before
-        counters = dict(scheduler.agentrt_counters)
-    return ArmResult(arm.name, driver.results, time.perf_counter() - began, driver.output_tokens, prefetch, counters)
+    if runtime:  # this run's share of the engine's counters
+        counters = {k: v - counters_before.get(k, 0) for k, v in scheduler.agentrt_counters.items()
+                    if v != counters_before.get(k, 0)}
+    return ArmResult(arm.name, driver.results, time.perf_counter() - began, driver.output_tokens,
+                     counters.get("prefetch_computed_tokens", 0), counters)

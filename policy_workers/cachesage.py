@@ -55,6 +55,9 @@ class CacheSageConfig:
     pin_threshold: float = 0.6  # next-call probability that earns a pin
     pin_ttl_cap_s: float = 30.0
     prefetch_threshold: float = 0.5
+    # Prefetch only for the sessions due to call soonest: one prefetched far ahead of its call is evicted
+    # again before the call comes, and the engine runs prefetches only where no request waits (idle capacity).
+    prefetch_lead: int = 2
     keep_threshold: float = 0.5  # P(the next prompt keeps a block) for pins and prefetches to cover it
     score_buckets: int = 20
     max_blocks: int = 200_000  # block metadata tracked per workload (oldest forgotten first)
@@ -90,7 +93,8 @@ class _Session:
     last_seen: float = 0.0
     in_tool: bool = False
     handoff_to: str | None = None
-    acted_step: tuple[int | None, str] | None = None  # (step, agent) last pinned/prefetched for
+    pinned_step: tuple[int | None, str] | None = None  # (step, agent) last pinned for
+    prefetched_step: tuple[int | None, str] | None = None  # (step, agent) last prefetched for
     interval: float = 0.0  # EWMA of the time from one of its calls' start to the next's
     ended: bool = False  # kept until idle expiry so re-read events are recognised as duplicates
     calls_by_agent: dict = field(default_factory=dict)  # agent -> its calls in this session so far
@@ -1033,20 +1037,26 @@ class CacheSage(Policy):
         return kept
 
     def _pins_and_prefetches(self, w: _Workload, workload: str, now: float) -> list[ev.Decision]:
+        """Pins for the predicted next agent's resident prefix in every waiting session; prefetches of its
+        missing blocks for the ``prefetch_lead`` waiting sessions due to call soonest."""
         cfg = self.config
         out: list[ev.Decision] = []
         if min(cfg.pin_threshold, cfg.prefetch_threshold) > 1.0:
             return out  # turned off (no probability reaches them): skip the walk over sessions
-        for name, session in w.sessions.items():
-            if session.ended:
-                continue
-            waiting = session.in_tool or session.step_ended is not None or session.handoff_to is not None
+        waiting = [(name, session) for name, session in w.sessions.items() if not session.ended and (
+            session.in_tool or session.step_ended is not None or session.handoff_to is not None)]
+        due_soonest = {name for name, _ in sorted(waiting, key=lambda item: self._due_at(w, item[1]))[
+            :max(cfg.prefetch_lead, 0)]}
+        for name, session in waiting:
             nxt = self._next_agent(w, session)
-            if not waiting or nxt is None:
+            if nxt is None:
                 continue
             agent, probability = nxt
-            if session.acted_step == (session.step, agent):
-                continue  # one pin/prefetch per predicted call
+            current = (session.step, agent)  # one pin and one prefetch per predicted call
+            may_pin = probability >= cfg.pin_threshold and session.pinned_step != current
+            may_prefetch = name in due_soonest and session.prefetched_step != current
+            if not (may_pin or may_prefetch):
+                continue
             # The chain says who comes next if the session goes on; whether that agent calls again at all
             # (its turns so far) says whether it does. Without it, a session that ends after the step
             # (half of crewAI's) held pins and drew prefetches for a call that never came.
@@ -1062,24 +1072,27 @@ class CacheSage(Policy):
             resident = [h for h in hashes if h in w.blocks and w.blocks[h].resident]
             missing = [h for h in hashes if h not in resident]
             gap = w.timing.get(GAP_S, i) if i is not None else cfg.default_step_s
-            expected_at = (session.step_ended or now) + gap
             expires = now + cfg.decision_ttl_s
-            acted = False
-            if probability >= cfg.pin_threshold and resident:
+            if may_pin and probability >= cfg.pin_threshold and resident:
                 ttl = min(cfg.pin_ttl_cap_s, max(2.0 * gap, 1.0))
                 out.append(ev.Pin(workload=workload, agent=agent, session=name, step=session.step, time=now,
                                   policy=self.name, expires_at=expires, block_hashes=tuple(resident), ttl_s=ttl,
                                   decision_id=self._decision_id("pin", workload, agent, name, session.step)))
-                acted = True
-            if probability >= cfg.prefetch_threshold and missing:
+                session.pinned_step = current
+            if may_prefetch and probability >= cfg.prefetch_threshold and missing:
                 out.append(ev.Prefetch(workload=workload, agent=agent, session=name, step=session.step, time=now,
                                        policy=self.name, expires_at=expires, block_hashes=tuple(hashes),
-                                       probability=probability, expected_at=expected_at,
+                                       probability=probability, expected_at=self._due_at(w, session),
                                        decision_id=self._decision_id("prefetch", workload, agent, name, session.step)))
-                acted = True
-            if acted:
-                session.acted_step = (session.step, agent)
+                session.prefetched_step = current
         return out
+
+    def _due_at(self, w: _Workload, session: _Session) -> float:
+        """When the session's next call is expected: its latest call's start plus its learned call interval
+        (sessions served in turn call in the order they last called)."""
+        current = session.steps.get(session.latest)
+        started = current.started if current is not None else session.last_seen
+        return started + (session.interval or w.interval or self._mean_cycle_s(w))
 
     # --- state ----------------------------------------------------------------------
 

@@ -332,6 +332,26 @@ def test_no_pin_or_prefetch_for_a_session_its_agent_is_done_with():
     assert not [d for d in sage.act("w", twice) if isinstance(d, (ev.Pin, ev.Prefetch)) and d.session == "live-2"]
 
 
+def test_prefetch_only_for_the_sessions_due_to_call_soonest():
+    """Three sessions wait with the planner's prefix evicted; served in turn, the one whose latest call started
+    first calls next. A prefetch far ahead of its call would be evicted again before the call comes."""
+    sage = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5, prefetch_lead=1)
+    for k in range(20):
+        _run_session(sage, f"old-{k}", ["planner", "worker"] * 3, start=k * 100.0)
+    for name, start in (("late", 5001.0), ("first", 5000.0), ("middle", 5000.5)):
+        _run_session(sage, name, ["planner", "worker"], start=start,
+                     blocks={"planner": [f"{name}-p1", f"{name}-p2"], "worker": [f"{name}-w1"]})
+    hashes = tuple(f"{name}-p{k}" for name in ("late", "first", "middle") for k in (1, 2))
+    sage.observe(ev.KvBlocksRemoved(workload="w", agent="", time=5005.0, block_hashes=hashes))
+    prefetches = [d for d in sage.act("w", 5006.0) if isinstance(d, ev.Prefetch)]
+    assert [(d.session, d.agent, d.block_hashes) for d in prefetches] == [("first", "planner", ("first-p1", "first-p2"))]
+    # Its call starts: the next due is prefetched for now, and no session twice for one predicted call.
+    sage.observe(ev.AgentStepStart(workload="w", agent="planner", time=5006.5, session="first", step=2,
+                                   prefix_fingerprint="f", prefix_tokens=64))
+    prefetches = [d for d in sage.act("w", 5007.0) if isinstance(d, ev.Prefetch)]
+    assert [d.session for d in prefetches] == ["middle"]
+
+
 def test_unusable_events_are_counted_not_raised():
     sage = CacheSage()
     sage.observe(ev.AgentStepStart(workload="w", agent="a", time=1e9, session="s", step=5, prefix_fingerprint="f",

@@ -27,12 +27,12 @@ def _prompt(agent: str, call: int) -> list[int]:
     return prefix + [(seed * 13 + call * 7 + i) % 4000 + 1 for i in range(SUFFIX_TOKENS)]
 
 
-def _call(llm, agent: str, call: int = 0, max_tokens: int = 4) -> tuple[int, list[int]]:
+def _call(llm, agent: str, call: int = 0, max_tokens: int = 4, session: str = "s1") -> tuple[int, list[int]]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                            extra_args={"agentrt.workload": "w", "agentrt.agent": agent, "agentrt.session": "s1"})
+                            extra_args={"agentrt.workload": "w", "agentrt.agent": agent, "agentrt.session": session})
     out = llm.generate([TokensPrompt(prompt_token_ids=_prompt(agent, call))], params, use_tqdm=False)[0]
     return out.num_cached_tokens, list(out.outputs[0].token_ids)
 
@@ -256,7 +256,9 @@ def test_prefetch_restores_an_evicted_prefix_before_the_call(fresh, engine_confi
     _publish(engine_config, _decision(ev.Prefetch, "planner", f"pf-{time.time()}", session="s1", probability=0.9))
     _delivered(scheduler, before + 1)
     stored: list[ev.KvBlocksStored] = []
-    scheduler.observers.append(lambda e: stored.append(e) if isinstance(e, ev.KvBlocksStored) else None)
+    first_tokens: list[ev.RequestFirstToken] = []
+    scheduler.observers.append(lambda e: stored.append(e) if isinstance(e, ev.KvBlocksStored) else
+                               first_tokens.append(e) if isinstance(e, ev.RequestFirstToken) else None)
     try:
         _call(llm, "reviewer", 0)  # any step applies it; the prefetch runs beside this request
     finally:
@@ -264,6 +266,9 @@ def test_prefetch_restores_an_evicted_prefix_before_the_call(fresh, engine_confi
     assert scheduler.agentrt_counters["prefetches_issued"] == issued + 1
     # Its blocks are reported as a prefetch's for the planner, not as a prompt of the planner's.
     assert [e.prefetch for e in stored if e.agent == "planner"] == [True]
+    # It waited for the reviewer's prefill: it ran in the reviewer's decode, not before its first token.
+    reviewer_first = next(e.time for e in first_tokens if e.agent == "reviewer")
+    assert next(e.time for e in stored if e.agent == "planner") >= reviewer_first
     assert not [e for e in stored if e.agent == "reviewer" and e.prefetch]
     source, _ = scheduler._prefixes[("w", "planner", "s1")]
     assert not source.request_id.startswith("agentrt-prefetch-")
@@ -277,6 +282,27 @@ def test_prefetch_restores_an_evicted_prefix_before_the_call(fresh, engine_confi
     _call(llm, "reviewer", 1)
     assert scheduler.agentrt_counters["prefetches_issued"] == issued + 1
     assert scheduler.agentrt_counters["prefetch_already_resident"] >= 1
+
+
+def test_a_held_prefetch_gives_way_to_its_sessions_call(fresh):
+    """A prefetch is held while requests wait; the call it was for, arriving first, computes its own prefix."""
+    llm, scheduler = fresh
+    _call(llm, "planner", 0, session="s2")
+    for worker in WORKERS:
+        _call(llm, worker, 0)  # the planner's prefix is evicted
+    issued = scheduler.agentrt_counters["prefetches_issued"]
+    superseded = scheduler.agentrt_counters["prefetches_superseded"]
+    scheduler.apply_decisions([(_decision(ev.Prefetch, "planner", f"pf3-{time.time()}", session="s2",
+                                          probability=0.9), time.time())])
+    assert scheduler.has_unfinished_requests()  # held: an idle engine would step to run it
+    assert _call(llm, "planner", 1, session="s2")[0] == 0  # the call came first: nothing was prefetched
+    assert scheduler.agentrt_counters["prefetches_superseded"] == superseded + 1
+    assert scheduler.agentrt_counters["prefetches_issued"] == issued
+    assert not scheduler.has_unfinished_requests()
+    scheduler.apply_decisions([(_decision(ev.Prefetch, "worker-1", f"pf4-{time.time()}", session="s1",
+                                          probability=0.9), time.time())])
+    assert scheduler.cancel_prefetches() in (0, 1)  # (0: worker-1's prefix was still resident)
+    assert not scheduler.has_unfinished_requests()
 
 
 def test_with_the_broker_gone_the_engine_keeps_serving_identical_tokens(engine, engine_broker):
