@@ -93,6 +93,9 @@ class AgentRuntimeScheduler(Scheduler):
         self.agentrt_counters: Counter[str] = Counter()
         self.book = DecisionBook()
         self.pin_cap_fraction = float(os.environ.get("AGENTRT_PIN_CAP_FRACTION", "0.5"))
+        # A held prefetch is queued only while at most this many requests run: on a CPU engine a prefetch
+        # beside a busy batch slows every request in it (a GPU's decode batches leave compute to spare).
+        self.prefetch_max_running = int(os.environ.get("AGENTRT_PREFETCH_MAX_RUNNING", "1"))
         self.default_workload = os.environ.get("AGENTRT_WORKLOAD", "default")
         self._owners: OrderedDict[str, _Owner] = OrderedDict()  # block hash (hex) -> who stored it
         self._depths: dict[str, int] = {}  # block hash (hex) -> its position in its chain, while attributed
@@ -493,8 +496,10 @@ class AgentRuntimeScheduler(Scheduler):
             self.apply_decisions(self.feed.drain())
         else:
             self._release_pins(now)
-        if self._held_prefetches and not self.get_request_counts()[1]:
-            self._admit_prefetches(now)
+        if self._held_prefetches:
+            running, waiting = self.get_request_counts()
+            if not waiting and running <= self.prefetch_max_running:
+                self._admit_prefetches(now)
         if now - self._last_expiry > 1.0:
             self.book.expire(now)
             self._last_expiry = now

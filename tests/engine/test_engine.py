@@ -299,9 +299,17 @@ def test_a_held_prefetch_gives_way_to_its_sessions_call(fresh):
     assert scheduler.agentrt_counters["prefetches_superseded"] == superseded + 1
     assert scheduler.agentrt_counters["prefetches_issued"] == issued
     assert not scheduler.has_unfinished_requests()
-    scheduler.apply_decisions([(_decision(ev.Prefetch, "worker-1", f"pf4-{time.time()}", session="s1",
-                                          probability=0.9), time.time())])
-    assert scheduler.cancel_prefetches() in (0, 1)  # (0: worker-1's prefix was still resident)
+    for worker in WORKERS:
+        _call(llm, worker, 1)  # evicted again
+    scheduler.prefetch_max_running = 0  # no request may run beside a prefetch
+    try:
+        scheduler.apply_decisions([(_decision(ev.Prefetch, "planner", f"pf4-{time.time()}", session="s2",
+                                              probability=0.9), time.time())])
+        _call(llm, "reviewer", 0)  # another session's call runs: the prefetch stays held
+        assert scheduler.agentrt_counters["prefetches_issued"] == issued
+        assert scheduler.cancel_prefetches() == 1
+    finally:
+        scheduler.prefetch_max_running = 1
     assert not scheduler.has_unfinished_requests()
 
 
