@@ -98,4 +98,7 @@ class DecisionBook:
                 del table[k]
 
     def clear(self) -> None:
+        """Forget every decision and every id seen: a new run's decisions (a replayed workload's pins and
+        prefetches carry the same ids as the last run's) apply again."""
         self.block_scores.clear(), self.agent_scores.clear(), self.block_pins.clear(), self.agent_pins.clear()
+        self._seen_ids.clear()

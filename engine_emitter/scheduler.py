@@ -12,8 +12,9 @@ It runs inside EngineCore, where vLLM decides eviction (docs/engine_emitter.md):
   free block queue (lowest score evicted first, LRU within a score level),
   pins hold a block's extra reference until their TTL (capped fraction),
   prefetch recomputes an agent's evicted prefix with a 1-token request
-  (the CPU backend has no lower KV tier to load from), held back while any
-  request waits so it only fills capacity no request asks for.
+  (the CPU backend has no lower KV tier to load from), held back while a
+  request waits or the batch is busy, so it only fills capacity no request
+  asks for.
 
 Agent identity comes with each request in ``SamplingParams.extra_args``
 (``vllm_xargs`` on the OpenAI server) as ``agentrt.workload`` /
@@ -109,8 +110,9 @@ class AgentRuntimeScheduler(Scheduler):
         # (workload, agent, session) -> (request, full blocks) of its latest cached prefix, for prefetch;
         # token ids and hashes are read from the request only when a prefetch needs them.
         self._prefixes: OrderedDict[tuple[str, str, str | None], tuple[Any, int]] = OrderedDict()
-        # (workload, session) -> (prefetch request, its chain, expires at): held until no request waits, so
-        # a prefetch never delays a request's prefill; a request of the same session supersedes it.
+        # (workload, session) -> (prefetch request, its chain, expires at): held until no request waits and
+        # the batch is not busy, so a prefetch never delays a request's prefill; a request of the same
+        # session supersedes it.
         self._held_prefetches: OrderedDict[tuple[str, str | None], tuple[Any, list[str], float]] = OrderedDict()
         self._now = time.time()  # one clock read per step
         self._block_hasher: Any = None  # vLLM's, taken from the first request (prefetches need it)

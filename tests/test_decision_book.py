@@ -33,6 +33,8 @@ def test_duplicate_and_stale_decisions_are_ignored_and_counted():
                            probability=0.9)
     assert book.apply(prefetch, NOW) and not book.apply(prefetch, NOW)
     assert book.counters == {"applied:eviction_score": 1, "applied:prefetch": 1, "duplicate": 2, "expired": 1}
+    book.clear()  # a new run (the bench's next repeat) sends the same ids again: they apply
+    assert book.apply(prefetch, NOW) and book.apply(_score(0.5), NOW)
 
 
 def test_pins_last_their_ttl_and_unpin_ends_them():
