@@ -105,6 +105,7 @@ class AgentRuntimeScheduler(Scheduler):
         self._orphans: set[str] = set()  # cached blocks whose chain lost an earlier block: unreachable
         self._agent_hashes: dict[AgentKey, set[str]] = {}
         self._pinned: dict[int, tuple[Any, float]] = {}  # block_id -> (block, until)
+        self._next_unpin = float("inf")  # the earliest pin's end: steps before it need not walk the pins
         self._removed: dict[AgentKey, list[str]] = {}
         self._timing: dict[str, dict[str, float]] = {}
         # (workload, agent, session) -> (request, full blocks) of its latest cached prefix, for prefetch;
@@ -448,14 +449,18 @@ class AgentRuntimeScheduler(Scheduler):
                 self.free_queue.remove(block)
             block.ref_cnt += 1  # the pin's own reference: not evictable while held
             self._pinned[block.block_id] = (block, until)
+            self._next_unpin = min(self._next_unpin, until)
             self.agentrt_counters["pins_applied"] += 1
 
     def _release_pins(self, now: float) -> None:
+        """Release the pins whose time is up or that the book no longer holds (an unpin, a cleared book)."""
+        self._next_unpin = float("inf")
         for block_id, (block, until) in list(self._pinned.items()):
             hx = get_block_hash(block.block_hash).hex() if block.block_hash is not None else None
             owner = self._owners.get(hx) if hx else None
             still = self.book.pinned_until(hx, owner.key if owner else None, now) if hx else None
             if until > now and still is not None:
+                self._next_unpin = min(self._next_unpin, until)
                 continue
             del self._pinned[block_id]
             block.ref_cnt -= 1
@@ -494,9 +499,10 @@ class AgentRuntimeScheduler(Scheduler):
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         now = self._now = time.time()
-        if self.feed is not None:
-            self.apply_decisions(self.feed.drain())
-        else:
+        decisions = self.feed.drain() if self.feed is not None else []
+        if decisions:
+            self.apply_decisions(decisions)
+        elif now >= self._next_unpin:  # (an unpin or a cleared book comes through apply_decisions, which releases)
             self._release_pins(now)
         if self._held_prefetches:
             running, waiting = self.get_request_counts()

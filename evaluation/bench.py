@@ -294,6 +294,25 @@ def _whole_sessions(workload: str, calls: int, max_sessions: int, excluded: Cont
     return chosen
 
 
+def config_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as CacheSageConfig overrides, each value of its field's type; a clear error else."""
+    from dataclasses import fields
+
+    from policy_workers.cachesage import CacheSageConfig
+
+    types = {f.name: type(f.default) for f in fields(CacheSageConfig)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types or not value:
+            parser.error(f"--cachesage {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(types))}")
+        try:
+            out[key] = types[key](value)
+        except ValueError:
+            parser.error(f"--cachesage {pair!r}: {value!r} is not a {types[key].__name__}")
+    return out
+
+
 def replay_order(workload: str, calls: int, max_sessions: int) -> tuple[dict, list]:
     """The trace's first whole sessions (file order) up to ``calls`` calls, and the order a replay sends
     them in (16 sessions interleaved): (sessions, order)."""
@@ -355,7 +374,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
              "fraction": fraction, "model_size": args.model_size, "max_prompt_tokens": args.max_prompt_tokens,
              "max_output_tokens": args.max_output_tokens, "max_in_flight": args.max_in_flight,
              "capacity_sized_for_in_flight": sized_for,
-             "time_scale": args.time_scale, "repeats": args.repeats,
+             "time_scale": args.time_scale, "repeats": args.repeats, **({"cachesage": args.cachesage} if args.cachesage else {}),
              "dtype": cpu_dtype() if args.dtype == "auto" else args.dtype}
     print(f"\n## {workload}: {len(chosen)} sessions, {len(order)} calls; KV capacity {capacity} blocks of 32 tokens "
           f"= {cache_part} ({fraction:.0%} of the {footprint}-block prefix footprint) + {int(batch)} for "
@@ -368,7 +387,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
           f"replayed sessions excluded); cachesage-cold starts from nothing", flush=True)
 
     def cachesage(warmed: bool, **overrides: Any) -> CacheSage:
-        policy = CacheSage(**overrides)
+        policy = CacheSage(**{**args.cachesage, **overrides})
         if warmed and warm:
             policy.load_state(warm)
         return policy
@@ -483,10 +502,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--act-every-s", type=float, default=0.1,
                         help="how often the in-process policy decides (a worker's batch cadence), besides at "
                              "every engine step in which a request finished; its time is charged to the engine")
+    parser.add_argument("--cachesage", action="append", default=[], metavar="KEY=VALUE",
+                        help="a CacheSageConfig setting for the engine's CacheSage arms (repeatable), e.g. "
+                             "prefetch_threshold=0.6")
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--db", default="sqlite:///runs/eval/results.db")
     args = parser.parse_args(argv)
+    args.cachesage = config_overrides(parser, args.cachesage)
     if args.model_size == "auto":
         args.model_size = "small" if cpu_dtype() == "bfloat16" else "medium"
     if args.all:

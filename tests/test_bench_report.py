@@ -60,3 +60,16 @@ def test_the_in_engine_policy_acts_at_every_step_end_and_otherwise_at_its_cadenc
     assert policy.acts == 10
     arm.after_step(100.1 + 0.11, finished=0)  # the cadence comes round
     assert policy.acts == 11
+
+
+def test_cachesage_settings_from_the_command_line_are_typed_and_checked():
+    import argparse
+
+    from evaluation.bench import config_overrides
+
+    parser = argparse.ArgumentParser()
+    assert config_overrides(parser, ["prefetch_threshold=0.6", "prefetch_lead=3"]) == {
+        "prefetch_threshold": 0.6, "prefetch_lead": 3}
+    for bad in ("no_such_setting=1", "prefetch_lead=two", "prefetch_lead"):
+        with pytest.raises(SystemExit):
+            config_overrides(parser, [bad])
