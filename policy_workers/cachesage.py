@@ -773,11 +773,16 @@ class CacheSage(Policy):
     def _session_timing(self, w: _Workload, name: str, session: _Session, now: float,
                         cycle: float) -> tuple[float, float]:
         """(time left before session ``name`` makes its next call, its call interval), learned from its calls."""
-        interval = session.interval or w.interval or cycle
-        current = session.steps.get(session.latest)
-        elapsed = now - current.started if current is not None else 0.0
+        started, interval = self._latest_call(w, session, cycle)
+        elapsed = now - started if started is not None else 0.0
         # Sessions do not wait exactly their mean interval: one overdue is soon, not certain.
         return max(interval - max(elapsed, 0.0), self.config.min_residual * interval), interval
+
+    @staticmethod
+    def _latest_call(w: _Workload, session: _Session, cycle: float) -> tuple[float | None, float]:
+        """(when the session's latest call started, None when unknown; its learned call interval)."""
+        current = session.steps.get(session.latest)
+        return (current.started if current is not None else None), session.interval or w.interval or cycle
 
     def _p_calls_again(self, w: _Workload, name: str, session: _Session, agent: str, chain: float) -> float | None:
         """P(the agent calls again in session ``name``), ``chain`` the chain's prediction; None: the chain's stands.
@@ -1045,7 +1050,8 @@ class CacheSage(Policy):
             return out  # turned off (no probability reaches them): skip the walk over sessions
         waiting = [(name, session) for name, session in w.sessions.items() if not session.ended and (
             session.in_tool or session.step_ended is not None or session.handoff_to is not None)]
-        due_soonest = {name for name, _ in sorted(waiting, key=lambda item: self._due_at(w, item[1]))[
+        cycle = self._mean_cycle_s(w)
+        due_soonest = {name for name, _ in sorted(waiting, key=lambda item: self._due_at(w, item[1], cycle))[
             :max(cfg.prefetch_lead, 0)]}
         for name, session in waiting:
             nxt = self._next_agent(w, session)
@@ -1082,17 +1088,16 @@ class CacheSage(Policy):
             if may_prefetch and probability >= cfg.prefetch_threshold and missing:
                 out.append(ev.Prefetch(workload=workload, agent=agent, session=name, step=session.step, time=now,
                                        policy=self.name, expires_at=expires, block_hashes=tuple(hashes),
-                                       probability=probability, expected_at=self._due_at(w, session),
+                                       probability=probability, expected_at=self._due_at(w, session, cycle),
                                        decision_id=self._decision_id("prefetch", workload, agent, name, session.step)))
                 session.prefetched_step = current
         return out
 
-    def _due_at(self, w: _Workload, session: _Session) -> float:
+    def _due_at(self, w: _Workload, session: _Session, cycle: float) -> float:
         """When the session's next call is expected: its latest call's start plus its learned call interval
         (sessions served in turn call in the order they last called)."""
-        current = session.steps.get(session.latest)
-        started = current.started if current is not None else session.last_seen
-        return started + (session.interval or w.interval or self._mean_cycle_s(w))
+        started, interval = self._latest_call(w, session, cycle)
+        return (session.last_seen if started is None else started) + interval
 
     # --- state ----------------------------------------------------------------------
 
