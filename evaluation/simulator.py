@@ -367,11 +367,18 @@ class SimResult:
     hit_tokens: int = 0
     calls: int = 0
     evictions: int = 0
+    prefetches: int = 0  # prefetches run (one whose blocks were all resident is not)
+    prefetch_tokens: int = 0  # prompt tokens they computed (their resident heads were hits)
     per_call_hits: list[int] = field(default_factory=list, repr=False)
 
     @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def computed_tokens(self) -> int:
+        """Prompt tokens computed: the calls' uncached tokens plus every prefetch's (the engine's account)."""
+        return self.prompt_tokens - self.hit_tokens + self.prefetch_tokens
 
 
 def distinct_blocks(calls: Sequence[TraceCall], block_size: int = 32) -> int:
@@ -381,7 +388,9 @@ def distinct_blocks(calls: Sequence[TraceCall], block_size: int = 32) -> int:
 def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOrder, *, block_size: int = 32,
              name: str = "", on_call: Callable[[int, TraceCall, list[str], int], None] | None = None,
              on_evict: Callable[[str], None] | None = None, after_call: Callable[[int, TraceCall], None] | None = None,
-             in_flight: int = 1, on_finish: Callable[[int, TraceCall], None] | None = None) -> SimResult:
+             in_flight: int = 1, on_finish: Callable[[int, TraceCall], None] | None = None,
+             prefetch: Callable[[int], Iterable[Sequence[str]]] | None = None,
+             on_prefetch: Callable[[Sequence[str]], None] | None = None) -> SimResult:
     """Run the calls through a block pool of ``capacity_blocks`` with eviction ``order``.
 
     Callbacks let a policy observe (``on_call(i, call, hashes, hit_blocks)``, ``on_evict(h)``,
@@ -391,6 +400,10 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
     until the call ``in_flight`` places later starts, as in a replay that keeps that many
     requests in flight and completes them roughly in order; ``capacity_blocks`` is then the
     engine's whole KV capacity, working set included.
+    ``prefetch(i)``, one at a time only: the block chains to compute while call ``i`` runs (its blocks
+    in use), as the engine runs a held prefetch in the decode steps of the one running request; each
+    hits its resident head, computes the rest (evicting in policy order), is reported to
+    ``on_prefetch(chain)`` and frees its blocks at once.
     """
     cached: set[str] = set()  # hashes with a block (in use or free)
     free_uncached = capacity_blocks  # empty blocks (never cached, or dropped)
@@ -409,6 +422,41 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
         if on_finish:
             on_finish(started, calls[started])
         return 1 if partial else 0  # the partial block holds nothing reusable
+
+    def allocate(need: int, empty: int, now: int) -> int:
+        """Take ``need`` blocks: empty ones first, then free cached ones evicted in policy order; returns the
+        empty blocks left."""
+        take_empty = min(need, empty)
+        for _ in range(need - take_empty):
+            if len(order) == 0:
+                break  # the request does not fit: in vLLM it would wait; counted as computed
+            victim = order.pop(now)
+            cached.discard(victim)
+            result.evictions += 1
+            if on_evict:
+                on_evict(victim)
+        return empty - take_empty
+
+    def run_prefetch(chain: list[str], empty: int, now: int) -> int:
+        """Compute a prefetch's chain past its resident head; its blocks are free again at once."""
+        head = 0
+        while head < len(chain) and chain[head] in cached:
+            head += 1
+        if head == len(chain):
+            return empty  # all resident: the engine does not run it
+        for h in chain:
+            if h in order:
+                order.remove(h)
+        empty = allocate(sum(h not in cached for h in chain), empty, now)
+        cached.update(chain)
+        result.prefetches += 1
+        result.prefetch_tokens += (len(chain) - head) * block_size
+        if on_prefetch:
+            on_prefetch(chain)
+        for h in reversed(chain):
+            if h not in users:  # (a block the running call uses stays in use)
+                order.add(h, now)
+        return empty
 
     for i, call in enumerate(calls):
         # Room for one more request; and a session's next call waits for its previous one (with
@@ -433,21 +481,14 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
         unique = list(dict.fromkeys(hashes))
         for h in unique:
             users[h] = users.get(h, 0) + 1
-        need = sum(h not in cached for h in hashes) + (1 if prompt % block_size else 0)
-        # Allocate: empty blocks first, then evict free cached ones in policy order.
-        take_empty = min(need, free_uncached)
-        free_uncached -= take_empty
-        for _ in range(need - take_empty):
-            if len(order) == 0:
-                break  # the request does not fit: in vLLM it would wait; counted as computed
-            victim = order.pop(i)
-            cached.discard(victim)
-            result.evictions += 1
-            if on_evict:
-                on_evict(victim)
+        free_uncached = allocate(sum(h not in cached for h in hashes) + (1 if prompt % block_size else 0),
+                                 free_uncached, i)
         if on_call:
             on_call(i, call, hashes, hit)
         cached.update(hashes)
+        if prefetch is not None and in_flight == 1:
+            for chain in prefetch(i):
+                free_uncached = run_prefetch(list(chain), free_uncached, i)
         if in_flight == 1:  # finished before the next call: its blocks are free (and scored) now
             free_uncached += finish(i, unique, bool(prompt % block_size), i)
         else:
@@ -483,8 +524,13 @@ CLOCK_START = 1_000_000.0
 def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, block_size: int = 32,
                   policy=None, in_flight: int = 1, observe_sim=None,  # noqa: ANN001
                   adjust_level: Callable[[str, int], int] | None = None,
-                  on_order: Callable[[Scored], None] | None = None) -> SimResult:
+                  on_order: Callable[[Scored], None] | None = None, prefetch: bool = False) -> SimResult:
     """The real CacheSage, fed the events a run would produce, its decisions applied through a DecisionBook.
+
+    ``prefetch`` (one at a time): its prefetches run as the engine runs them (``AgentRuntimeScheduler``):
+    held per session, dropped when the session's own call comes first or the decision expires, run in
+    the decode steps of the next call (see ``simulate``); without it they are ignored, as in the
+    bench's ``cachesage`` arm. Pins are not modelled (the free queue here has score levels only).
 
     ``observe_sim``: an optional (on_call, on_evict) pair that also sees the simulation (analysis);
     ``adjust_level(hash, level)``: changes the level a free block gets (an oracle fact added, analysis);
@@ -505,6 +551,8 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     steps: dict[str, int] = {}
     started: dict[int, int] = {}  # call index -> its step number, while it runs
     evicted: list[str] = []
+    held: OrderedDict[str, ev.Prefetch] = OrderedDict()  # session -> its prefetch not yet run
+    running_prefetch: dict[tuple[str, ...], ev.Prefetch] = {}
     remaining: dict[str, int] = {}
     for call in calls:
         remaining[call.session] = remaining.get(call.session, 0) + 1
@@ -533,6 +581,7 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
                     children.setdefault(hashes[position - 1], {})[h] = None  # ordered: reproducible runs
         previous[call.session] = call
         started[i] = step
+        held.pop(call.session, None)  # its call came first: it computes its own prefix
 
     def on_finish(i: int, call: TraceCall) -> None:
         now = clock["t"] + 0.5
@@ -546,9 +595,30 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     def act(now: float) -> None:
         touched = []
         for decision in sage.act(workload, now):
-            if book.apply(decision, now):
+            if not book.apply(decision, now):
+                continue
+            if isinstance(decision, ev.Prefetch):
+                if prefetch:
+                    held.pop(decision.session, None)
+                    held[decision.session] = decision
+            else:
                 touched.extend(decision.block_hashes)
         order.relevel(touched)
+
+    def admit(i: int) -> list[tuple[str, ...]]:
+        now = clock["t"]
+        running_prefetch.clear()
+        while held:
+            _, decision = held.popitem(last=False)
+            if decision.expires_at > now:
+                running_prefetch[decision.block_hashes] = decision
+        return list(running_prefetch)
+
+    def on_prefetch(chain: Sequence[str]) -> None:
+        decision = running_prefetch[tuple(chain)]
+        sage.observe(ev.KvBlocksStored(workload=workload, agent=decision.agent, session=decision.session,
+                                       time=clock["t"] + 0.25, request=f"prefetch-{decision.decision_id}",
+                                       block_hashes=tuple(chain), block_size=block_size, prefetch=True))
 
     def after_call(i: int, call: TraceCall) -> None:
         act(clock["t"] + 0.6)
@@ -567,7 +637,8 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
             extra_evict(h)
 
     return simulate(calls, capacity_blocks, order, block_size=block_size, name="CacheSage", on_call=on_call,
-                    on_evict=on_evict, after_call=after_call, in_flight=in_flight, on_finish=on_finish)
+                    on_evict=on_evict, after_call=after_call, in_flight=in_flight, on_finish=on_finish,
+                    prefetch=admit if prefetch else None, on_prefetch=on_prefetch)
 
 
 def learned_state(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, in_flight: int = 1,

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m evaluation.sweep [--workloads chatdev tau_airline ...] [--fractions 0.05 0.10]
     .venv/bin/python -m evaluation.sweep --engine-setting [--calls N] [--in-flight 8]
+    .venv/bin/python -m evaluation.sweep --engine-setting --prefetch [--cachesage prefetch_threshold=0.4]
     .venv/bin/python -m evaluation.sweep --grid [--workloads crewai ag2_captainagent]
 
 Capacity = a fraction of the workload's distinct full prompt blocks (block size 32); calls in
@@ -42,9 +43,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="warm CacheSage's share of the LRU->Belady gap over 12 settings around the bench's "
                              "(a change is kept when the mean holds)")
     parser.add_argument("--jobs", type=int, default=2, help="with --grid: processes")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="with --engine-setting: one at a time, warm CacheSage's scores alone and with its "
+                             "prefetches (hit rate, prefill computed vs LRU's, prefetches run)")
+    parser.add_argument("--cachesage", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --prefetch: a CacheSageConfig setting (repeatable)")
     args = parser.parse_args(argv)
     if args.grid:
         return grid(args.workloads, args.jobs)
+    if args.engine_setting and args.prefetch:
+        from .bench import config_overrides
+
+        return prefetch_setting(args.workloads, dict(c.split("=") for c in args.capacity), args.calls,
+                                config_overrides(parser, args.cachesage))
     if args.engine_setting:
         return engine_setting(args.workloads, args.in_flight, dict(c.split("=") for c in args.capacity), args.calls)
     print("| workload | capacity (blocks) | LRU | TTL pin (Continuum-like) | steps-to-execution (KVFlow-like) | "
@@ -96,6 +107,37 @@ def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, s
             belady = simulate(sim_calls, capacity, Belady(*future), in_flight=k).hit_rate
             print(f"| {workload} | {capacity:,} | {k} | {lru:.3f} | {cold:.3f} | {warmed:.3f} | {belady:.3f} | "
                   f"{share(cold, lru, belady)} | {share(warmed, lru, belady)} |", flush=True)
+    return 0
+
+
+def prefetch_setting(workloads: list[str], capacities: dict[str, str], calls: int | None = None,
+                     overrides: dict | None = None) -> int:
+    """The bench's ``cachesage`` and ``cachesage+prefetch`` arms one at a time, simulated (no pins): hit rate
+    and prefill computed (requests' and prefetches') beside LRU's and Belady's, the eviction-only bound."""
+    from policy_workers.cachesage import CacheSage, CacheSageConfig
+
+    from .bench import CALLS, PRESSURE, setting, warm_state
+
+    print("| workload | capacity (blocks) | LRU | CacheSage | CacheSage + prefetch | Belady | "
+          "prefill vs LRU: CacheSage | + prefetch | prefetches (tokens) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for workload in workloads:
+        chosen, _, sim_calls, _, _, _, capacity = setting(workload, calls or CALLS[workload], 10_000,
+                                                          PRESSURE[workload], 4032, 8)
+        capacity = int(capacities.get(workload, capacity))
+        state = warm_state(workload, chosen, capacity, 1)[0]
+        lru = simulate(sim_calls, capacity, LRU())
+        belady = simulate(sim_calls, capacity, Belady(block_uses(sim_calls), block_depths(sim_calls)))
+        runs = []
+        for prefetch in (False, True):
+            sage = CacheSage(CacheSageConfig(**(overrides or {})))
+            sage.load_state(state)
+            runs.append(run_cachesage(sim_calls, capacity, workload, policy=sage, prefetch=prefetch))
+        scores, fetched = runs
+        print(f"| {workload} | {capacity:,} | {lru.hit_rate:.3f} | {scores.hit_rate:.3f} | {fetched.hit_rate:.3f} | "
+              f"{belady.hit_rate:.3f} | {scores.computed_tokens / lru.computed_tokens - 1:+.1%} | "
+              f"{fetched.computed_tokens / lru.computed_tokens - 1:+.1%} | "
+              f"{fetched.prefetches} ({fetched.prefetch_tokens:,}) |", flush=True)
     return 0
 
 

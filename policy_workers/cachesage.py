@@ -41,6 +41,7 @@ import numpy as np
 from streams import events as ev
 
 from .policy import Policy, Prediction
+from .calibration import PrefetchCalibration, served_fraction
 from .continuation import Continuation
 from .transitions import TransitionModel
 
@@ -95,6 +96,9 @@ class _Session:
     handoff_to: str | None = None
     pinned_step: tuple[int | None, str] | None = None  # (step, agent) last pinned for
     prefetched_step: tuple[int | None, str] | None = None  # (step, agent) last prefetched for
+    # (probability, blocks it would compute) of the latest prefetch considered for its next call: scored
+    # against the next prompt (PrefetchCalibration)
+    considered: tuple[float, tuple[str, ...]] | None = None
     interval: float = 0.0  # EWMA of the time from one of its calls' start to the next's
     ended: bool = False  # kept until idle expiry so re-read events are recognised as duplicates
     calls_by_agent: dict = field(default_factory=dict)  # agent -> its calls in this session so far
@@ -328,6 +332,7 @@ class _Workload:
         # at two only, the state stays small): one agent's documents are read by a few sessions each, another's
         # by two and done
         self.spread_by_agent = Continuation(max_calls=0)
+        self.calibration = PrefetchCalibration()
         self.sessions: dict[str, _Session] = {}
         self.blocks: OrderedDict[str, _Block] = OrderedDict()
         self.prefix_of: dict[tuple[str, str], tuple[str | None, list[str]]] = {}  # (agent, session) -> (request, hashes)
@@ -412,7 +417,7 @@ class _Workload:
         """Bytes of what was learned about the workload's agents (transitions, timing, reuse hazard, turns, spread)."""
         n = len(self.model)
         return (self.model.nbytes() + self.timing.nbytes(n) + self.reuse.nbytes(n) + self.turns.nbytes(n)
-                + self.spread.nbytes(0) + self.spread_by_agent.nbytes(n))
+                + self.spread.nbytes(0) + self.spread_by_agent.nbytes(n) + self.calibration.nbytes())
 
 
 class CacheSage(Policy):
@@ -464,6 +469,9 @@ class CacheSage(Policy):
         if not session.ended:  # every agent's last call in the session was its last
             for agent, turns in session.calls_by_agent.items():
                 w.turns.observe_stopped(turns, w.model.agent_id(agent) + 1)
+        if session.considered is not None:  # the call it was for never came
+            w.calibration.observe(session.considered[0], 0.0)
+            session.considered = None
         session.ended, session.in_tool, session.handoff_to = True, False, None
         session.steps.clear()
         users = [k for k in w.prefix_of if k[1] == event.session]
@@ -647,10 +655,20 @@ class CacheSage(Policy):
             else:
                 if hashes:  # a new prompt: the previous one joins the user's earlier prompts
                     self._new_prompt(w, user, hashes, event, classes_before)
+                self._score_considered(w, event)
                 w.replies.setdefault(user, deque(maxlen=AGES)).appendleft(False)
                 hashes = list(event.block_hashes)
             w.prefix_of[user] = (event.request, hashes)
         self._forget_oldest(w)
+
+    def _score_considered(self, w: _Workload, event: ev.KvBlocksStored) -> None:
+        """A new prompt of the session: what the prefetch last considered for it would have served."""
+        session = w.sessions.get(event.session) if event.session else None
+        if session is None or session.considered is None or event.start_index != 0:
+            return
+        probability, computed = session.considered
+        w.calibration.observe(probability, served_fraction(computed, set(event.block_hashes)))
+        session.considered = None
 
     def _forget_oldest(self, w: _Workload) -> None:
         while len(w.blocks) > self.config.max_blocks:
@@ -1085,12 +1103,16 @@ class CacheSage(Policy):
                                   policy=self.name, expires_at=expires, block_hashes=tuple(resident), ttl_s=ttl,
                                   decision_id=self._decision_id("pin", workload, agent, name, session.step)))
                 session.pinned_step = current
-            if may_prefetch and probability >= cfg.prefetch_threshold and missing:
-                out.append(ev.Prefetch(workload=workload, agent=agent, session=name, step=session.step, time=now,
-                                       policy=self.name, expires_at=expires, block_hashes=tuple(hashes),
-                                       probability=probability, expected_at=self._due_at(w, session, cycle),
-                                       decision_id=self._decision_id("prefetch", workload, agent, name, session.step)))
-                session.prefetched_step = current
+            if may_prefetch and missing:
+                session.considered = (probability, tuple(missing))
+                # What prefetches this confident have served, not the probability itself, must reach the threshold.
+                if w.calibration.served(probability) >= cfg.prefetch_threshold:
+                    out.append(ev.Prefetch(
+                        workload=workload, agent=agent, session=name, step=session.step, time=now, policy=self.name,
+                        expires_at=expires, block_hashes=tuple(hashes), probability=probability,
+                        expected_at=self._due_at(w, session, cycle),
+                        decision_id=self._decision_id("prefetch", workload, agent, name, session.step)))
+                    session.prefetched_step = current
         return out
 
     def _due_at(self, w: _Workload, session: _Session, cycle: float) -> float:
@@ -1132,7 +1154,7 @@ class CacheSage(Policy):
                 "reuse_packed": w.reuse.arrays[:, :, :n].tolist(), "reuse_layout": REUSE_LAYOUT,
                 "typical_reply": w.reuse.typical_reply[:n].tolist(), "turns": w.turns.to_state(),
                 "spread": w.spread.to_state(), "spread_by_agent": w.spread_by_agent.to_state(),
-                "sessions": sessions}
+                "prefetch_calibration": w.calibration.to_state(), "sessions": sessions}
 
     def forget(self, workloads: Iterable[str]) -> None:
         for name in workloads:
@@ -1153,6 +1175,8 @@ class CacheSage(Policy):
                 w.spread.load_state(saved["spread"])
             if saved.get("spread_by_agent"):
                 w.spread_by_agent.load_state(saved["spread_by_agent"])
+            if saved.get("prefetch_calibration"):
+                w.calibration.load_state(saved["prefetch_calibration"])
             # Another class layout (an older version's, or "reuse", an older encoding) is relearned.
             if saved.get("reuse_packed") and saved.get("reuse_layout") == REUSE_LAYOUT:
                 reuse = np.asarray(saved["reuse_packed"], dtype=np.uint8).reshape(AGES, CLASSES, -1)

@@ -683,3 +683,42 @@ def test_a_reuse_class_seen_once_is_not_priced_at_zero_and_learning_survives_a_r
     relearning = CacheSage()
     relearning.load_state(older)
     assert not relearning.workload("w").reuse.arrays.any()
+
+
+def _waiting_for_the_planner(sage: CacheSage) -> float:
+    """The live session waits for the planner (the chain's pick), whose prefix was evicted; returns now."""
+    for k in range(20):
+        _run_session(sage, f"old-{k}", ["planner", "worker"] * 3, start=k * 100.0)
+    now = _run_session(sage, "live", ["planner", "worker"], start=4000.0,
+                       blocks={"planner": ["p1", "p2"], "worker": ["w1"]})
+    sage.observe(ev.KvBlocksRemoved(workload="w", agent="", time=now, block_hashes=("p1", "p2")))
+    return now
+
+
+def test_what_a_prefetch_would_have_served_is_learned_and_decides_the_next():
+    """Each prefetch considered is scored by the session's next prompt (issued or not): the share of its
+    blocks that prompt read, by the prediction's probability. A prefetch is made when predictions that
+    confident have served at least the threshold, not when the probability alone reaches it."""
+    sage = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5)
+    now = _waiting_for_the_planner(sage)
+    prefetch = [d for d in sage.act("w", now + 1) if isinstance(d, ev.Prefetch)]
+    assert len(prefetch) == 1
+    probability = prefetch[0].probability
+    calibration = sage.workload("w").calibration
+    before = calibration.sums.copy()
+    _prompt(sage, "live", "planner", 2, ["p1", "p3"], now + 2)  # read half of what it would compute
+    added = calibration.sums - before
+    assert added.sum(axis=0) == pytest.approx([0.5, 1.0])
+    assert added[calibration._bin(probability)].tolist() == pytest.approx([0.5, 1.0])
+
+    # Where predictions this confident have served little, the same prefetch is not made, but still scored.
+    doubtful = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5)
+    now = _waiting_for_the_planner(doubtful)
+    for _ in range(30):
+        doubtful.workload("w").calibration.observe(probability, 0.1)
+    assert not [d for d in doubtful.act("w", now + 1) if isinstance(d, ev.Prefetch)]
+    calibration = doubtful.workload("w").calibration
+    before = calibration.sums[calibration._bin(probability)].copy()
+    doubtful.observe(ev.SessionEnd(workload="w", agent="worker", time=now + 2, session="live"))  # no call came
+    assert calibration.sums[calibration._bin(probability)].tolist() == pytest.approx(
+        (before * calibration.decay + [0.0, 1.0]).tolist())

@@ -290,3 +290,47 @@ def test_a_simulated_cachesage_run_does_not_depend_on_the_interpreters_hash_seed
     results = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "3")}
     assert len(results) == 1, results
+
+
+def _call(session: str, seq: int, segment: str, tokens: int = 128):
+    from framework_emitter.traces import TraceCall
+
+    return TraceCall("w", session, seq, None, "agent", ((segment, tokens),), 1, None)
+
+
+def test_a_prefetch_runs_beside_the_running_call_and_is_counted_in_the_prefill():
+    """Capacity 6 blocks: b's and c's prompts (4 blocks each) evict a's; prefetched while c runs, a's
+    prompt is a hit again, and what the prefetch computed is in the run's prefill."""
+    calls = [_call("a", 0, "A"), _call("b", 0, "B"), _call("c", 0, "C"), _call("a", 1, "A")]
+    a_chain = None
+
+    def prefetch(i: int):
+        return [a_chain] if i == 2 else []
+
+    from framework_emitter.prefix_blocks import block_hashes
+
+    a_chain = block_hashes(calls[0].segments, 32)
+    plain = simulate(calls, 6, LRU())
+    seen = []
+    prefetched = simulate(calls, 6, LRU(), prefetch=prefetch, on_prefetch=seen.append)
+    assert plain.per_call_hits[3] < 127 and prefetched.per_call_hits[3] == 127  # (the last token is computed)
+    assert prefetched.prefetches == 1 and seen == [a_chain]
+    assert prefetched.prefetch_tokens == 4 * 32
+    assert prefetched.computed_tokens == prefetched.prompt_tokens - prefetched.hit_tokens + 4 * 32
+    # Nothing to compute: an all-resident chain is not run.
+    again = simulate(calls, 6, LRU(), prefetch=lambda i: [a_chain] if i == 0 else [])
+    assert again.prefetches == 0 and again.prefetch_tokens == 0
+
+
+def test_cachesage_prefetches_in_the_simulator_as_in_the_engine_and_learns_nothing_from_them():
+    """tau_airline one at a time (the bench's setting): prefetch raises the hit rate over the scores alone,
+    and the prefetches' KV events reach CacheSage marked as prefetches (no prompt of the agent's)."""
+    from evaluation.bench import CALLS, PRESSURE, setting
+
+    _, _, calls, _, _, _, capacity = setting("tau_airline", CALLS["tau_airline"], 10_000,
+                                             PRESSURE["tau_airline"], 4032, 8)
+    scores = run_cachesage(calls, capacity, "tau_airline")
+    with_prefetch = run_cachesage(calls, capacity, "tau_airline", prefetch=True)
+    assert scores.prefetches == 0
+    assert with_prefetch.prefetches > 0 and with_prefetch.prefetch_tokens > 0
+    assert with_prefetch.hit_rate > scores.hit_rate
