@@ -25,7 +25,8 @@ all of its expected reuses; one used only by an ended session is worth nothing.
 Acts: eviction scores (bucketed, only when a block's bucket changes),
 pins with a TTL for the predicted next agent's resident prefix while its session
 waits (tool call, between steps), and prefetch of that prefix when it is no
-longer resident.
+longer resident, for the sessions due to call soonest, where prefetches this
+confident have served enough of what they computed (``calibration``).
 """
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ import numpy as np
 
 from streams import events as ev
 
-from .policy import Policy, Prediction
 from .calibration import PrefetchCalibration, served_fraction
 from .continuation import Continuation
+from .policy import Policy, Prediction
 from .transitions import TransitionModel
 
 
@@ -414,7 +415,8 @@ class _Workload:
         return all(self.sessions.get(s) is None or self.sessions[s].ended for s in sessions)
 
     def learned_nbytes(self) -> int:
-        """Bytes of what was learned about the workload's agents (transitions, timing, reuse hazard, turns, spread)."""
+        """Bytes of what was learned about the workload's agents (transitions, timing, reuse hazard, turns, spread,
+        prefetch outcomes)."""
         n = len(self.model)
         return (self.model.nbytes() + self.timing.nbytes(n) + self.reuse.nbytes(n) + self.turns.nbytes(n)
                 + self.spread.nbytes(0) + self.spread_by_agent.nbytes(n) + self.calibration.nbytes())

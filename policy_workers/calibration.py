@@ -14,7 +14,7 @@ much as it wastes.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -53,6 +53,6 @@ class PrefetchCalibration:
         return self.sums.nbytes
 
 
-def served_fraction(computed: Mapping[str, Any] | set[str] | list[str], read: set[str]) -> float:
+def served_fraction(computed: Sequence[str], read: set[str]) -> float:
     """The share of the blocks a prefetch would compute that the next prompt read."""
     return sum(h in read for h in computed) / len(computed) if computed else 0.0
