@@ -97,9 +97,9 @@ class _Session:
     handoff_to: str | None = None
     pinned_step: tuple[int | None, str] | None = None  # (step, agent) last pinned for
     prefetched_step: tuple[int | None, str] | None = None  # (step, agent) last prefetched for
-    # (probability, blocks it would compute) of the latest prefetch considered for its next call: scored
-    # against the next prompt (PrefetchCalibration)
-    considered: tuple[float, tuple[str, ...]] | None = None
+    # (probability, blocks it would compute, whether it ran) of the latest prefetch considered for its next
+    # call: scored against the next prompt (PrefetchCalibration)
+    considered: tuple[float, tuple[str, ...], bool] | None = None
     interval: float = 0.0  # EWMA of the time from one of its calls' start to the next's
     ended: bool = False  # kept until idle expiry so re-read events are recognised as duplicates
     calls_by_agent: dict = field(default_factory=dict)  # agent -> its calls in this session so far
@@ -621,6 +621,8 @@ class CacheSage(Policy):
         if event.prefetch:
             self._on_prefetched(w, event)
             return
+        if event.start_index == 0 and event.session:  # a request's first store: its whole chain
+            self._score_considered(w, event)
         user = (event.agent, event.session) if event.agent and event.session else None
         new_keys: dict[tuple, tuple] = {}
         moves: dict[tuple[tuple | None, tuple], list[str]] = {}
@@ -657,19 +659,24 @@ class CacheSage(Policy):
             else:
                 if hashes:  # a new prompt: the previous one joins the user's earlier prompts
                     self._new_prompt(w, user, hashes, event, classes_before)
-                self._score_considered(w, event)
                 w.replies.setdefault(user, deque(maxlen=AGES)).appendleft(False)
                 hashes = list(event.block_hashes)
             w.prefix_of[user] = (event.request, hashes)
         self._forget_oldest(w)
 
     def _score_considered(self, w: _Workload, event: ev.KvBlocksStored) -> None:
-        """A new prompt of the session: what the prefetch last considered for it would have served."""
-        session = w.sessions.get(event.session) if event.session else None
-        if session is None or session.considered is None or event.start_index != 0:
+        """A new prompt of the session (before its blocks are marked resident): what the prefetch last
+        considered for it would have served and, if it ran, how much of that was still cached."""
+        session = w.sessions.get(event.session)
+        if session is None or session.considered is None:
             return
-        probability, computed = session.considered
-        w.calibration.observe(probability, served_fraction(computed, set(event.block_hashes)))
+        probability, computed, ran = session.considered
+        read = set(event.block_hashes)
+        w.calibration.observe(probability, served_fraction(computed, read))
+        if ran:
+            read_computed = [h for h in computed if h in read]
+            w.calibration.observe_kept(sum(h in w.blocks and w.blocks[h].resident for h in read_computed),
+                                       len(read_computed))
         session.considered = None
 
     def _forget_oldest(self, w: _Workload) -> None:
@@ -681,6 +688,10 @@ class CacheSage(Policy):
     def _on_prefetched(self, w: _Workload, event: ev.KvBlocksStored) -> None:
         """A prefetch recomputed these blocks: resident again as they were known. No prompt read them, so
         nobody's prompt ages, nothing is learned about reuse and the blocks' users stay as they were."""
+        session = w.sessions.get(event.session) if event.session else None
+        if session is not None and session.considered is not None:
+            probability, computed, _ = session.considered
+            session.considered = (probability, computed, True)
         back: dict[tuple, list[str]] = {}
         for position, block_hash in enumerate(event.block_hashes, start=event.start_index):
             block = w.blocks.get(block_hash)
@@ -1106,7 +1117,7 @@ class CacheSage(Policy):
                                   decision_id=self._decision_id("pin", workload, agent, name, session.step)))
                 session.pinned_step = current
             if may_prefetch and missing:
-                session.considered = (probability, tuple(missing))
+                session.considered = (probability, tuple(missing), False)
                 # What prefetches this confident have served, not the probability itself, must reach the threshold.
                 if w.calibration.served(probability) >= cfg.prefetch_threshold:
                     out.append(ev.Prefetch(

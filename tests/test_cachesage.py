@@ -722,3 +722,19 @@ def test_what_a_prefetch_would_have_served_is_learned_and_decides_the_next():
     doubtful.observe(ev.SessionEnd(workload="w", agent="worker", time=now + 2, session="live"))  # no call came
     assert calibration.sums[calibration._bin(probability)].tolist() == pytest.approx(
         (before * calibration.decay + [0.0, 1.0]).tolist())
+
+
+def test_a_prefetch_that_ran_learns_how_much_of_it_was_still_cached_when_read():
+    """The prefetch ran (its KV event came back), then one of its two blocks was evicted before the call:
+    the next prompt read both, one was still there."""
+    sage = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5)
+    now = _waiting_for_the_planner(sage)
+    assert [d for d in sage.act("w", now + 1) if isinstance(d, ev.Prefetch)]
+    sage.observe(ev.KvBlocksStored(workload="w", agent="planner", session="live", time=now + 1.5,
+                                   request="agentrt-prefetch-1", block_hashes=("p1", "p2"), block_size=32,
+                                   prefetch=True))
+    sage.observe(ev.KvBlocksRemoved(workload="w", agent="", time=now + 1.8, block_hashes=("p2",)))
+    calibration = sage.workload("w").calibration
+    before = calibration.kept.copy()
+    _prompt(sage, "live", "planner", 2, ["p1", "p2", "p3"], now + 2)
+    assert (calibration.kept - before * calibration.decay).tolist() == pytest.approx([1.0, 2.0])

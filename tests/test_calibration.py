@@ -36,8 +36,21 @@ def test_state_round_trips_through_json():
     restored = PrefetchCalibration()
     restored.load_state(json.loads(json.dumps(calibration.to_state())))
     assert restored.served(0.42) == calibration.served(0.42)
-    restored.load_state([[0.0, 0.0]])  # another layout is ignored, not misread
-    assert restored.served(0.42) == calibration.served(0.42)
+    for other in ([[0.0, 0.0]], {"read": [[0.0, 0.0]], "kept": [1.0, 2.0]}):  # another layout: ignored
+        restored.load_state(other)
+        assert restored.served(0.42) == calibration.served(0.42)
+
+
+def test_prefetches_evicted_before_their_call_scale_every_bin_down():
+    calibration = PrefetchCalibration(strength=2.0)
+    calibration.observe(0.9, 1.0)
+    before = calibration.served(0.9)
+    for _ in range(20):
+        calibration.observe_kept(resident=2, read=4)  # half of what the next prompts read was evicted again
+    assert 0.5 < calibration.kept_share() < 0.55
+    assert calibration.served(0.9) == before * calibration.kept_share()
+    calibration.observe_kept(resident=0, read=0)  # nothing read: nothing learned
+    assert 0.5 < calibration.kept_share() < 0.55
 
 
 def test_served_fraction_counts_the_blocks_the_next_prompt_read():
