@@ -301,18 +301,13 @@ def _call(session: str, seq: int, segment: str, tokens: int = 128):
 def test_a_prefetch_runs_beside_the_running_call_and_is_counted_in_the_prefill():
     """Capacity 6 blocks: b's and c's prompts (4 blocks each) evict a's; prefetched while c runs, a's
     prompt is a hit again, and what the prefetch computed is in the run's prefill."""
-    calls = [_call("a", 0, "A"), _call("b", 0, "B"), _call("c", 0, "C"), _call("a", 1, "A")]
-    a_chain = None
-
-    def prefetch(i: int):
-        return [a_chain] if i == 2 else []
-
     from framework_emitter.prefix_blocks import block_hashes
 
+    calls = [_call("a", 0, "A"), _call("b", 0, "B"), _call("c", 0, "C"), _call("a", 1, "A")]
     a_chain = block_hashes(calls[0].segments, 32)
     plain = simulate(calls, 6, LRU())
     seen = []
-    prefetched = simulate(calls, 6, LRU(), prefetch=prefetch, on_prefetch=seen.append)
+    prefetched = simulate(calls, 6, LRU(), prefetch=lambda i: [a_chain] if i == 2 else [], on_prefetch=seen.append)
     assert plain.per_call_hits[3] < 127 and prefetched.per_call_hits[3] == 127  # (the last token is computed)
     assert prefetched.prefetches == 1 and seen == [a_chain]
     assert prefetched.prefetch_tokens == 4 * 32
