@@ -85,7 +85,7 @@ def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, s
     evaluation.bench replays, serial and with requests in flight."""
     from policy_workers.cachesage import CacheSage
 
-    from .bench import CALLS, PRESSURE, setting, warm_state
+    from .bench import warm_state
 
     def share(hit: float, lru: float, belady: float) -> str:
         return f"{(hit - lru) / (belady - lru):+.0%}" if belady - lru > 0.005 else "n/a (gap < 0.5 pp)"
@@ -94,9 +94,7 @@ def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, s
           "share of the gap, cold | warm |")
     print("|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
-        chosen, _, sim_calls, _, _, _, capacity = setting(workload, calls or CALLS[workload], 10_000,
-                                                          PRESSURE[workload], 4032, in_flight)
-        capacity = int(capacities.get(workload, capacity))
+        chosen, sim_calls, capacity = _bench_window(workload, calls, in_flight, capacities)
         future = block_uses(sim_calls), block_depths(sim_calls)
         for k in dict.fromkeys((1, in_flight)):  # once when in_flight is 1
             warm = CacheSage()
@@ -110,24 +108,33 @@ def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, s
     return 0
 
 
+def _bench_window(workload: str, calls: int | None, sized_for: int,
+                  capacities: dict[str, str]) -> tuple[dict, list, int]:
+    """The bench's sessions, the prompts as its engine gets them and its capacity (sized for ``sized_for`` in
+    flight; ``capacities`` overrides it per workload)."""
+    from .bench import CALLS, PRESSURE, setting
+
+    chosen, _, sim_calls, _, _, _, capacity = setting(workload, calls or CALLS[workload], 10_000,
+                                                      PRESSURE[workload], 4032, sized_for)
+    return chosen, sim_calls, int(capacities.get(workload, capacity))
+
+
 def prefetch_setting(workloads: list[str], capacities: dict[str, str], calls: int | None = None,
                      overrides: dict | None = None) -> int:
     """The bench's ``cachesage`` and ``cachesage+prefetch`` arms one at a time, simulated (no pins): hit rate
     and prefill computed (requests' and prefetches') beside LRU's and Belady's, the eviction-only bound."""
     from policy_workers.cachesage import CacheSage, CacheSageConfig
 
-    from .bench import CALLS, PRESSURE, setting, warm_state
+    from .bench import warm_state
 
     print("| workload | capacity (blocks) | LRU | CacheSage | CacheSage + prefetch | Belady | "
           "prefill vs LRU: CacheSage | + prefetch | prefetches (tokens) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
-        chosen, _, sim_calls, _, _, _, capacity = setting(workload, calls or CALLS[workload], 10_000,
-                                                          PRESSURE[workload], 4032, 8)
-        capacity = int(capacities.get(workload, capacity))
+        chosen, sim_calls, capacity = _bench_window(workload, calls, 8, capacities)
         state = warm_state(workload, chosen, capacity, 1)[0]
         lru = simulate(sim_calls, capacity, LRU())
-        belady = simulate(sim_calls, capacity, Belady(block_uses(sim_calls), block_depths(sim_calls)))
+        belady = simulate(sim_calls, capacity, Belady.for_calls(sim_calls))
         runs = []
         for prefetch in (False, True):
             sage = CacheSage(CacheSageConfig(**(overrides or {})))
@@ -156,9 +163,9 @@ def grid_point(workload: str, calls: int, scale: float, in_flight: int) -> tuple
     """(LRU, warm CacheSage, Belady, capacity) at one setting of the grid."""
     from policy_workers.cachesage import CacheSage
 
-    from .bench import PRESSURE, setting, warm_state
+    from .bench import warm_state
 
-    chosen, _, sim_calls, _, _, _, capacity = setting(workload, calls, 10_000, PRESSURE[workload], 4032, 8)
+    chosen, sim_calls, capacity = _bench_window(workload, calls, 8, {})
     capacity = int(capacity * scale)
     warm = CacheSage()
     warm.load_state(warm_state(workload, chosen, capacity, in_flight)[0])
