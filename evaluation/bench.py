@@ -332,14 +332,15 @@ def held_out(workload: str, replayed: Container[str], calls: int, max_prompt_tok
 
 
 def warm_state(workload: str, replayed: Container[str], capacity: int, in_flight: int, calls: int = WARM_CALLS,
-               max_prompt_tokens: int = 4032) -> tuple[dict, int]:
+               max_prompt_tokens: int = 4032, announce: bool = True) -> tuple[dict, int]:
     """What the bench's ``cachesage`` arm starts from: CacheSage's state learned in the simulator (at this
     capacity and load) from up to ``calls`` calls of the workload's other sessions ({} when there are none),
     and how many calls that was."""
     from .simulator import learned_state
 
     history = held_out(workload, replayed, calls, max_prompt_tokens)
-    return (learned_state(history, capacity, workload, in_flight=in_flight) if history else {}), len(history)
+    return (learned_state(history, capacity, workload, in_flight=in_flight, announce=announce) if history else {}
+            ), len(history)
 
 
 def setting(workload: str, calls: int, max_sessions: int, fraction: float, max_prompt_tokens: int,
@@ -374,7 +375,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
              "fraction": fraction, "model_size": args.model_size, "max_prompt_tokens": args.max_prompt_tokens,
              "max_output_tokens": args.max_output_tokens, "max_in_flight": args.max_in_flight,
              "capacity_sized_for_in_flight": sized_for,
-             "time_scale": args.time_scale, "repeats": args.repeats, **({"cachesage": args.cachesage} if args.cachesage else {}),
+             "time_scale": args.time_scale, "announce": args.announce, "repeats": args.repeats, **({"cachesage": args.cachesage} if args.cachesage else {}),
              "dtype": cpu_dtype() if args.dtype == "auto" else args.dtype}
     print(f"\n## {workload}: {len(chosen)} sessions, {len(order)} calls; KV capacity {capacity} blocks of 32 tokens "
           f"= {cache_part} ({fraction:.0%} of the {footprint}-block prefix footprint) + {int(batch)} for "
@@ -382,7 +383,8 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
           + (f"; {args.max_in_flight} in flight (a lighter load on the same engine)"
              if sized_for != args.max_in_flight else ""), flush=True)
     k = args.max_in_flight
-    warm, setup["warm_calls"] = warm_state(workload, chosen, capacity, k, args.warm_calls, args.max_prompt_tokens)
+    warm, setup["warm_calls"] = warm_state(workload, chosen, capacity, k, args.warm_calls, args.max_prompt_tokens,
+                                           args.announce)
     print(f"CacheSage's state learned from {setup['warm_calls']} calls of {workload}'s other sessions (simulated, the "
           f"replayed sessions excluded); cachesage-cold starts from nothing", flush=True)
 
@@ -394,9 +396,10 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
 
     # The simulator in the engine's setting: the whole capacity, the same number of requests in flight.
     simulated = {"stock": simulate(sim_calls, capacity, LRU(), in_flight=k).hit_rate,
-                 "cachesage": run_cachesage(sim_calls, capacity, workload, in_flight=k,
-                                            policy=cachesage(True)).hit_rate,
-                 "cachesage-cold": run_cachesage(sim_calls, capacity, workload, in_flight=k).hit_rate,
+                 "cachesage": run_cachesage(sim_calls, capacity, workload, in_flight=k, policy=cachesage(True),
+                                            announce=args.announce).hit_rate,
+                 "cachesage-cold": run_cachesage(sim_calls, capacity, workload, in_flight=k,
+                                                 announce=args.announce).hit_rate,
                  "oracle": simulate(sim_calls, capacity, Belady.for_calls(sim_calls), in_flight=k).hit_rate}
     # One block more than the capacity: vLLM keeps one as its null block.
     dtype = setup["dtype"]
@@ -429,7 +432,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
             began = time.perf_counter()
             result = replay(llm, order, arm, workload=workload, vocab_size=vocab,
                             max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
-                            max_in_flight=args.max_in_flight, time_scale=args.time_scale,
+                            max_in_flight=args.max_in_flight, time_scale=args.time_scale, announce=args.announce,
                             progress=_progress(f"{workload} {arm_name} #{repeat + 1}"))
             figures = metrics(result, warmup_calls=2 * args.max_in_flight)
             rows[arm_name].append(figures)
@@ -499,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: --max-in-flight); e.g. 8 with --max-in-flight 1 is the default run's engine "
                              "under a lighter load, where TTFT is a request's own prefill")
     parser.add_argument("--time-scale", type=float, default=0.0, help="tool gaps x this (0: back to back)")
+    parser.add_argument("--no-announce", dest="announce", action="store_false",
+                        help="the framework names a session's next agent only when its request comes (a handoff "
+                             "then), not when the step before ends: CacheSage has its learned chain alone")
     parser.add_argument("--act-every-s", type=float, default=0.1,
                         help="how often the in-process policy decides (a worker's batch cadence), besides at "
                              "every engine step in which a request finished; its time is charged to the engine")

@@ -261,23 +261,25 @@ class ReplayDriver:
     previous call has finished (plus its tool gap x ``time_scale``) and a slot
     of ``max_in_flight`` is free; strict order keeps every arm comparable with
     the simulator's. The framework's events go through ``emitter`` (the SDK).
+    With ``announce`` a call's end also names who runs next in its session (a
+    handoff, to the same agent when it goes on): a framework routes a step's
+    outcome when the step ends (an Agents SDK handoff, a tool call returning to
+    its agent, a graph's conditional edge), long before the session's next
+    request reaches a busy engine; without it the handoff comes with that request.
     """
 
     def __init__(self, order: Sequence[TraceCall], *, workload: str, vocab_size: int, max_prompt_tokens: int,
                  max_output_tokens: int, max_in_flight: int, time_scale: float,
-                 emitter: AgentEventEmitter | None) -> None:
-        self.order, self.workload, self.emitter = order, workload, emitter
+                 emitter: AgentEventEmitter | None, announce: bool = True) -> None:
+        from .simulator import next_in_session
+
+        self.order, self.workload, self.emitter, self.announce = order, workload, emitter, announce
         self.vocab_size, self.max_prompt_tokens = vocab_size, max_prompt_tokens
         self.max_output_tokens, self.max_in_flight, self.time_scale = max_output_tokens, max_in_flight, time_scale
         self.remaining: dict[str, int] = {}
         for call in order:
             self.remaining[call.session] = self.remaining.get(call.session, 0) + 1
-        self.next_in_session: dict[int, TraceCall] = {}  # index in order -> the session's following call
-        last_index: dict[str, int] = {}
-        for k, call in enumerate(order):
-            if call.session in last_index:
-                self.next_in_session[last_index[call.session]] = call
-            last_index[call.session] = k
+        self.next_in_session = next_in_session(order)  # index in order -> the session's following call
         self.ready_at: dict[str, float] = {}  # session -> when its next call may go (previous finished + gap)
         self.busy: set[str] = set()
         self.previous: dict[str, TraceCall] = {}
@@ -309,7 +311,7 @@ class ReplayDriver:
             if self.emitter is not None:
                 if before is None:
                     self.emitter.session_start(call.session, call.agent, at=now)
-                elif before.agent != call.agent:
+                elif before.agent != call.agent and not self.announce:
                     self.emitter.handoff(call.session, before.agent, call.agent, step=call.seq, at=now)
                 prefix = call.segments[:-1] or call.segments
                 self.emitter.step_start(call.session, call.agent, call.seq, prefix_fingerprint(s for s, _ in prefix),
@@ -346,6 +348,8 @@ class ReplayDriver:
                                   request=request_id, duration_s=now - sent.submitted, at=now)
             if self.remaining[call.session] == 0:
                 self.emitter.session_end(call.session, call.agent, status="completed", at=now)
+            elif self.announce and following is not None:
+                self.emitter.handoff(call.session, call.agent, following.agent, step=following.seq, at=now)
         return sent
 
     def warn_truncated(self) -> None:
@@ -356,7 +360,7 @@ class ReplayDriver:
 
 def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, vocab_size: int,
            max_prompt_tokens: int, max_output_tokens: int = 8, max_in_flight: int = 16, time_scale: float = 0.0,
-           progress: Callable[[int, int], None] | None = None) -> ArmResult:
+           progress: Callable[[int, int], None] | None = None, announce: bool = True) -> ArmResult:
     """Run ``order`` through the engine of ``llm`` (an in-process ``vllm.LLM``) under ``arm``."""
     from vllm import SamplingParams
 
@@ -370,7 +374,7 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
     counters_before = dict(scheduler.agentrt_counters) if runtime else {}
     driver = ReplayDriver(order, workload=workload, vocab_size=vocab_size, max_prompt_tokens=max_prompt_tokens,
                           max_output_tokens=max_output_tokens, max_in_flight=max_in_flight, time_scale=time_scale,
-                          emitter=emitter)
+                          emitter=emitter, announce=announce)
     first_token: dict[str, float] = {}
     began = time.perf_counter()
     clock = time.time

@@ -82,12 +82,12 @@ def complete_streaming(base_url: str, model: str, sent: Submission, timeout_s: f
 def replay_server(base_url: str, model: str, order: Sequence[TraceCall], *, workload: str, vocab_size: int,
                   max_prompt_tokens: int, emitter: AgentEventEmitter | None = None, max_output_tokens: int = 8,
                   max_in_flight: int = 8, time_scale: float = 0.0, timeout_s: float = 600.0,
-                  progress: Callable[[int, int], None] | None = None) -> ArmResult:
+                  progress: Callable[[int, int], None] | None = None, announce: bool = True) -> ArmResult:
     """Run ``order`` through the server at ``base_url`` (which must serve ``model`` and count cached tokens:
     ``--enable-prompt-tokens-details``). A failed request stops the replay with ``ServerError``."""
     driver = ReplayDriver(order, workload=workload, vocab_size=vocab_size, max_prompt_tokens=max_prompt_tokens,
                           max_output_tokens=max_output_tokens, max_in_flight=max_in_flight, time_scale=time_scale,
-                          emitter=emitter)
+                          emitter=emitter, announce=announce)
     done: queue.Queue[Completion] = queue.Queue()
 
     def send(sent: Submission) -> None:

@@ -335,6 +335,17 @@ def workflow_distances(calls: Sequence[TraceCall]) -> dict[str, dict[str, int]]:
     return distance
 
 
+def next_in_session(calls: Sequence[TraceCall]) -> dict[int, TraceCall]:
+    """Call index -> the same session's next call (absent for a session's last)."""
+    following: dict[int, TraceCall] = {}
+    last_of: dict[str, int] = {}
+    for k, call in enumerate(calls):
+        if call.session in last_of:
+            following[last_of[call.session]] = call
+        last_of[call.session] = k
+    return following
+
+
 def run_steps_to_execution(calls: Sequence[TraceCall], capacity_blocks: int, *, block_size: int = 32) -> SimResult:
     """KVFlow-like eviction with the workflow graph taken from the whole trace (known in advance)."""
     state = WorkflowState()
@@ -524,8 +535,13 @@ CLOCK_START = 1_000_000.0
 def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, block_size: int = 32,
                   policy=None, in_flight: int = 1, observe_sim=None,  # noqa: ANN001
                   adjust_level: Callable[[str, int], int] | None = None,
-                  on_order: Callable[[Scored], None] | None = None, prefetch: bool = False) -> SimResult:
+                  on_order: Callable[[Scored], None] | None = None, prefetch: bool = False,
+                  announce: bool = True) -> SimResult:
     """The real CacheSage, fed the events a run would produce, its decisions applied through a DecisionBook.
+
+    ``announce``: as the replay's framework does, a call's end names the agent of the session's next call
+    (a handoff, to itself when the agent goes on): the framework's routing decision, made when the step
+    ends; without it CacheSage has only its learned chain for who is next.
 
     ``prefetch`` (one at a time): its prefetches run as the engine runs them (``AgentRuntimeScheduler``):
     held per session, dropped when the session's own call comes first or the decision expires, run in
@@ -556,6 +572,7 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     remaining: dict[str, int] = {}
     for call in calls:
         remaining[call.session] = remaining.get(call.session, 0) + 1
+    following = next_in_session(calls)
 
     def on_call(i: int, call: TraceCall, hashes: list[str], hit: int) -> None:
         clock["t"] += 1.0
@@ -590,6 +607,10 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
         remaining[call.session] -= 1
         if not remaining[call.session]:  # the framework knows when a session is over
             sage.observe(ev.SessionEnd(workload=workload, agent=call.agent, session=call.session, time=now))
+        elif announce and i in following:  # and, having routed the step's outcome, who runs next
+            nxt = following[i]
+            sage.observe(ev.Handoff(workload=workload, agent=call.agent, session=call.session, time=now,
+                                    step=nxt.seq, to_agent=nxt.agent))
         act(now)  # as the engine replay does: a step's finished requests are acted on before the next allocates
 
     def act(now: float) -> None:
@@ -642,14 +663,15 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
 
 
 def learned_state(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, in_flight: int = 1,
-                  block_size: int = 32) -> dict:
+                  block_size: int = 32, announce: bool = True) -> dict:
     """What CacheSage learns about a workload from ``calls`` (run through the simulator at this capacity), as
     a worker persists it: transitions, reuse by age, agents' turns. Timing is left out (the simulator's clock
     is not a real one) and so are the sessions (all ended)."""
     from policy_workers.cachesage import CacheSage
 
     sage = CacheSage()
-    run_cachesage(calls, capacity_blocks, workload, block_size=block_size, policy=sage, in_flight=in_flight)
+    run_cachesage(calls, capacity_blocks, workload, block_size=block_size, policy=sage, in_flight=in_flight,
+                  announce=announce)
     state = sage.to_state([workload])
     for saved in state.values():
         saved["timing"], saved["sessions"] = None, {}

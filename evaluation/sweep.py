@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                              "prefetches (hit rate, prefill computed vs LRU's, prefetches run)")
     parser.add_argument("--cachesage", action="append", default=[], metavar="KEY=VALUE",
                         help="with --prefetch: a CacheSageConfig setting (repeatable)")
+    parser.add_argument("--no-announce", dest="announce", action="store_false",
+                        help="with --engine-setting: the framework does not name a session's next agent when the "
+                             "step before ends (as the bench's --no-announce)")
     args = parser.parse_args(argv)
     if args.grid:
         return grid(args.workloads, args.jobs)
@@ -55,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import config_overrides
 
         return prefetch_setting(args.workloads, dict(c.split("=") for c in args.capacity), args.calls,
-                                config_overrides(parser, args.cachesage))
+                                config_overrides(parser, args.cachesage), args.announce)
     if args.engine_setting:
-        return engine_setting(args.workloads, args.in_flight, dict(c.split("=") for c in args.capacity), args.calls)
+        return engine_setting(args.workloads, args.in_flight, dict(c.split("=") for c in args.capacity), args.calls,
+                              args.announce)
     print("| workload | capacity (blocks) | LRU | TTL pin (Continuum-like) | steps-to-execution (KVFlow-like) | "
           "CacheSage | Belady | ceiling | CacheSage share of the LRU→Belady gap |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, str], calls: int | None = None) -> int:
+def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, str], calls: int | None = None,
+                   announce: bool = True) -> int:
     """LRU, CacheSage (cold, and warm from the workload's other sessions) and Belady on exactly what
     evaluation.bench replays, serial and with requests in flight."""
     from policy_workers.cachesage import CacheSage
@@ -98,10 +103,10 @@ def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, s
         future = block_uses(sim_calls), block_depths(sim_calls)
         for k in dict.fromkeys((1, in_flight)):  # once when in_flight is 1
             warm = CacheSage()
-            warm.load_state(warm_state(workload, chosen, capacity, k)[0])
+            warm.load_state(warm_state(workload, chosen, capacity, k, announce=announce)[0])
             lru = simulate(sim_calls, capacity, LRU(), in_flight=k).hit_rate
-            cold = run_cachesage(sim_calls, capacity, workload, in_flight=k).hit_rate
-            warmed = run_cachesage(sim_calls, capacity, workload, in_flight=k, policy=warm).hit_rate
+            cold = run_cachesage(sim_calls, capacity, workload, in_flight=k, announce=announce).hit_rate
+            warmed = run_cachesage(sim_calls, capacity, workload, in_flight=k, policy=warm, announce=announce).hit_rate
             belady = simulate(sim_calls, capacity, Belady(*future), in_flight=k).hit_rate
             print(f"| {workload} | {capacity:,} | {k} | {lru:.3f} | {cold:.3f} | {warmed:.3f} | {belady:.3f} | "
                   f"{share(cold, lru, belady)} | {share(warmed, lru, belady)} |", flush=True)
@@ -120,7 +125,7 @@ def _bench_window(workload: str, calls: int | None, sized_for: int,
 
 
 def prefetch_setting(workloads: list[str], capacities: dict[str, str], calls: int | None = None,
-                     overrides: dict | None = None) -> int:
+                     overrides: dict | None = None, announce: bool = True) -> int:
     """The bench's ``cachesage`` and ``cachesage+prefetch`` arms one at a time, simulated (no pins): hit rate
     and prefill computed (requests' and prefetches') beside LRU's and Belady's, the eviction-only bound."""
     from policy_workers.cachesage import CacheSage, CacheSageConfig
@@ -132,14 +137,14 @@ def prefetch_setting(workloads: list[str], capacities: dict[str, str], calls: in
     print("|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
         chosen, sim_calls, capacity = _bench_window(workload, calls, 8, capacities)
-        state = warm_state(workload, chosen, capacity, 1)[0]
+        state = warm_state(workload, chosen, capacity, 1, announce=announce)[0]
         lru = simulate(sim_calls, capacity, LRU())
         belady = simulate(sim_calls, capacity, Belady.for_calls(sim_calls))
         runs = []
         for prefetch in (False, True):
             sage = CacheSage(CacheSageConfig(**(overrides or {})))
             sage.load_state(state)
-            runs.append(run_cachesage(sim_calls, capacity, workload, policy=sage, prefetch=prefetch))
+            runs.append(run_cachesage(sim_calls, capacity, workload, policy=sage, prefetch=prefetch, announce=announce))
         scores, fetched = runs
         print(f"| {workload} | {capacity:,} | {lru.hit_rate:.3f} | {scores.hit_rate:.3f} | {fetched.hit_rate:.3f} | "
               f"{belady.hit_rate:.3f} | {scores.computed_tokens / lru.computed_tokens - 1:+.1%} | "

@@ -27,14 +27,17 @@ def interleave(sessions: dict[str, list[TraceCall]], concurrency: int) -> Iterat
 
 
 def trace_events(workload: str, sessions: dict[str, list[TraceCall]], *, start: float | None = None,
-                 concurrency: int = 1, kv_block_size: int | None = None) -> Iterator[ev.Event]:
+                 concurrency: int = 1, kv_block_size: int | None = None, announce: bool = True) -> Iterator[ev.Event]:
     """The framework events of each call (and, with ``kv_block_size``, the KV blocks an engine reports).
 
-    Per call: session start (first call), handoff (agent changed), agent step start
+    Per call: session start (first call), agent step start
     with the previous agent and the prefix (the prompt without its last segment)
     fingerprinted, KV blocks stored (every full prompt block, as vLLM's
-    ``kv_cache_report_mode=full`` reports them), agent step end; session end after
-    the last call. Times follow the trace's ``t`` from ``start`` (one second a
+    ``kv_cache_report_mode=full`` reports them), agent step end, then a handoff
+    naming the session's next agent (``announce``: a framework routes a step's
+    outcome when the step ends; to the same agent when it goes on) or the session
+    end after its last call. Without ``announce`` the handoff comes with the next
+    call, and only where the agent changes. Times follow the trace's ``t`` from ``start`` (one second a
     call where the trace has no times).
     """
     start = time.time() if start is None else start
@@ -47,7 +50,7 @@ def trace_events(workload: str, sessions: dict[str, list[TraceCall]], *, start: 
         before = previous.get(session)
         if before is None:
             yield ev.SessionStart(**common, time=at)
-        elif before.agent != call.agent:
+        elif before.agent != call.agent and not announce:
             yield ev.Handoff(workload=workload, agent=before.agent, session=session, time=at, step=call.seq,
                              to_agent=call.agent)
         prefix = call.segments[:-1] or call.segments
@@ -65,6 +68,10 @@ def trace_events(workload: str, sessions: dict[str, list[TraceCall]], *, start: 
         remaining[session] -= 1
         if not remaining[session]:
             yield ev.SessionEnd(**common, time=at + 1.0, status="completed")
+        elif announce:
+            nxt = sessions[session][-remaining[session]]
+            yield ev.Handoff(workload=workload, agent=call.agent, session=session, time=at + 0.5, step=nxt.seq,
+                             to_agent=nxt.agent)
 
 
 @dataclass

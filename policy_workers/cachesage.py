@@ -937,7 +937,7 @@ class CacheSage(Policy):
             # P(a's next call is the t-th from now): when from the chain; whether at all from the chain and
             # from how many calls a has made in the session (agents have their turns and are done)
             chain = float(weights.sum())
-            if chain > 1e-9:
+            if chain > 1e-9 and session.handoff_to != agent:  # (the framework named it next: it calls)
                 p = self._p_calls_again(w, name, session, agent, min(chain, 1.0))
                 if p is not None:
                     weights = weights * (p / chain)
@@ -1097,7 +1097,7 @@ class CacheSage(Policy):
             # The chain says who comes next if the session goes on; whether that agent calls again at all
             # (its turns so far) says whether it does. Without it, a session that ends after the step
             # (half of crewAI's) held pins and drew prefetches for a call that never came.
-            again = self._p_calls_again(w, name, session, agent, probability)
+            again = None if session.handoff_to else self._p_calls_again(w, name, session, agent, probability)
             if again is not None:
                 probability *= again
             _, latest = w.prefix_of.get((agent, name), (None, []))

@@ -332,6 +332,23 @@ def test_no_pin_or_prefetch_for_a_session_its_agent_is_done_with():
     assert not [d for d in sage.act("w", twice) if isinstance(d, (ev.Pin, ev.Prefetch)) and d.session == "live-2"]
 
 
+def test_the_agent_the_framework_names_next_is_held_for_although_its_turns_say_it_is_done():
+    """As above, the analyst is done after two calls; but when the framework hands the session to it again
+    (its routing decision, made when the step ends) its prefix is pinned and worth more than before."""
+    sage = CacheSage(pin_threshold=0.5, prefetch_threshold=0.5)
+    for k in range(20):
+        end = _run_session(sage, f"old-{k}", ["analyst", "analyst"], start=k * 100.0)
+        sage.observe(ev.SessionEnd(workload="w", agent="analyst", time=end, session=f"old-{k}"))
+    twice = _run_session(sage, "live", ["analyst", "analyst"], start=6000.0,
+                         blocks={"analyst": ["sys", "doc-1", "doc-2"]})
+    assert not [d for d in sage.act("w", twice) if isinstance(d, ev.Pin)]
+    unnamed = sage.score("w", twice)["doc-2"]
+    sage.observe(ev.Handoff(workload="w", agent="analyst", time=twice, session="live", step=2, to_agent="analyst"))
+    pins = [d for d in sage.act("w", twice + 0.1) if isinstance(d, ev.Pin)]
+    assert [(d.session, d.agent) for d in pins] == [("live", "analyst")]
+    assert sage.score("w", twice + 0.1)["doc-2"] > unnamed
+
+
 def test_prefetch_only_for_the_sessions_due_to_call_soonest():
     """Three sessions wait with the planner's prefix evicted; served in turn, the one whose latest call started
     first calls next. A prefetch far ahead of its call would be evicted again before the call comes."""

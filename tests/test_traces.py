@@ -45,3 +45,24 @@ def test_prompt_token_ids_share_exactly_the_trace_prefixes():
     assert len(a) == 60 and a[:50] == b[:50] and a[50:] != b[50:]
     assert all(1 <= t < 1000 for t in a)
     assert prompt_token_ids([("sys", 50), ("m1", 10)], 1000, max_tokens=55) == a[:55]
+
+
+def test_the_replay_names_each_sessions_next_agent_when_a_step_ends():
+    """A framework routes a step's outcome when the step ends: after each call but a session's last, a
+    handoff names the agent of the session's next call (the same agent when it goes on); the last ends it."""
+    from framework_emitter.replayer import trace_events
+    from streams import events as ev
+
+    chosen = dict(list(sessions(read_trace("tau_airline")).items())[:3])
+    events = list(trace_events("tau_airline", chosen, start=0.0, concurrency=3))
+    for name, calls in chosen.items():
+        mine = [e for e in events if e.session == name and isinstance(e, (ev.AgentStepEnd, ev.Handoff,
+                                                                             ev.SessionEnd))]
+        assert [type(e) for e in mine] == [ev.AgentStepEnd, ev.Handoff] * (len(calls) - 1) + [ev.AgentStepEnd,
+                                                                                             ev.SessionEnd]
+        handoffs = [e for e in mine if isinstance(e, ev.Handoff)]
+        assert [(e.agent, e.to_agent) for e in handoffs] == [(a.agent, b.agent) for a, b in zip(calls, calls[1:])]
+    # Without announcing, a handoff comes with the next call, and only where the agent changes.
+    late = [e for e in trace_events("tau_airline", chosen, start=0.0, concurrency=3, announce=False)
+            if isinstance(e, ev.Handoff)]
+    assert late and all(e.agent != e.to_agent for e in late)
