@@ -339,8 +339,9 @@ def warm_state(workload: str, replayed: Container[str], capacity: int, in_flight
     from .simulator import learned_state
 
     history = held_out(workload, replayed, calls, max_prompt_tokens)
-    return (learned_state(history, capacity, workload, in_flight=in_flight, announce=announce) if history else {}
-            ), len(history)
+    if not history:
+        return {}, 0
+    return learned_state(history, capacity, workload, in_flight=in_flight, announce=announce), len(history)
 
 
 def setting(workload: str, calls: int, max_sessions: int, fraction: float, max_prompt_tokens: int,
@@ -375,7 +376,8 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
              "fraction": fraction, "model_size": args.model_size, "max_prompt_tokens": args.max_prompt_tokens,
              "max_output_tokens": args.max_output_tokens, "max_in_flight": args.max_in_flight,
              "capacity_sized_for_in_flight": sized_for,
-             "time_scale": args.time_scale, "announce": args.announce, "repeats": args.repeats, **({"cachesage": args.cachesage} if args.cachesage else {}),
+             "time_scale": args.time_scale, "announce": args.announce, "repeats": args.repeats,
+             **({"cachesage": args.cachesage} if args.cachesage else {}),
              "dtype": cpu_dtype() if args.dtype == "auto" else args.dtype}
     print(f"\n## {workload}: {len(chosen)} sessions, {len(order)} calls; KV capacity {capacity} blocks of 32 tokens "
           f"= {cache_part} ({fraction:.0%} of the {footprint}-block prefix footprint) + {int(batch)} for "

@@ -30,15 +30,15 @@ def trace_events(workload: str, sessions: dict[str, list[TraceCall]], *, start: 
                  concurrency: int = 1, kv_block_size: int | None = None, announce: bool = True) -> Iterator[ev.Event]:
     """The framework events of each call (and, with ``kv_block_size``, the KV blocks an engine reports).
 
-    Per call: session start (first call), agent step start
-    with the previous agent and the prefix (the prompt without its last segment)
-    fingerprinted, KV blocks stored (every full prompt block, as vLLM's
-    ``kv_cache_report_mode=full`` reports them), agent step end, then a handoff
-    naming the session's next agent (``announce``: a framework routes a step's
-    outcome when the step ends; to the same agent when it goes on) or the session
-    end after its last call. Without ``announce`` the handoff comes with the next
-    call, and only where the agent changes. Times follow the trace's ``t`` from ``start`` (one second a
-    call where the trace has no times).
+    Per call: session start (first call), agent step start with the previous
+    agent and the prefix (the prompt without its last segment) fingerprinted, KV
+    blocks stored (every full prompt block, as vLLM's ``kv_cache_report_mode=full``
+    reports them), agent step end, then a handoff naming the session's next agent
+    (``announce``: a framework routes a step's outcome when the step ends; to the
+    same agent when it goes on) or the session end after its last call. Without
+    ``announce`` the handoff comes with the next call, and only where the agent
+    changes. Times follow the trace's ``t`` from ``start`` (one second a call
+    where the trace has no times).
     """
     start = time.time() if start is None else start
     previous: dict[str, TraceCall] = {}

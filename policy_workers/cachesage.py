@@ -565,7 +565,11 @@ class CacheSage(Policy):
             w.timing.update(GAP_S, w.model.agent_id(after.agent), max(after.started - event.time, 0.0))
 
     def _on_handoff(self, w: _Workload, event: ev.Handoff) -> None:
-        self._session(w, event).handoff_to = event.to_agent
+        session = self._session(w, event)
+        if event.step is not None and event.step <= session.latest:
+            self.skip("handoff_after_its_step")  # the named step started first (another partition ran ahead)
+            return
+        session.handoff_to = event.to_agent
 
     def _on_tool_start(self, w: _Workload, event: ev.ToolCallStart) -> None:
         self._session(w, event).in_tool = True

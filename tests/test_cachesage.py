@@ -347,6 +347,12 @@ def test_the_agent_the_framework_names_next_is_held_for_although_its_turns_say_i
     pins = [d for d in sage.act("w", twice + 0.1) if isinstance(d, ev.Pin)]
     assert [(d.session, d.agent) for d in pins] == [("live", "analyst")]
     assert sage.score("w", twice + 0.1)["doc-2"] > unnamed
+    # A handoff that arrives after the step it named started (its giver's partition ran behind) is stale.
+    sage.observe(ev.AgentStepStart(workload="w", agent="analyst", time=twice + 1, session="live", step=2,
+                                   prefix_fingerprint="f", prefix_tokens=64))
+    sage.observe(ev.Handoff(workload="w", agent="analyst", time=twice, session="live", step=2, to_agent="analyst"))
+    assert sage.workload("w").sessions["live"].handoff_to is None
+    assert sage.skipped["handoff_after_its_step"] == 1
 
 
 def test_prefetch_only_for_the_sessions_due_to_call_soonest():
