@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 from framework_emitter.prefix_blocks import block_hashes
 from framework_emitter.sdk import AgentEventEmitter, CallbackSink, prefix_fingerprint
 from framework_emitter.token_ids import prompt_token_ids
-from framework_emitter.traces import TraceCall
+from framework_emitter.traces import TraceCall, next_in_session
 from streams import events as ev
 
 log = logging.getLogger(__name__)
@@ -271,8 +271,6 @@ class ReplayDriver:
     def __init__(self, order: Sequence[TraceCall], *, workload: str, vocab_size: int, max_prompt_tokens: int,
                  max_output_tokens: int, max_in_flight: int, time_scale: float,
                  emitter: AgentEventEmitter | None, announce: bool = True) -> None:
-        from .simulator import next_in_session
-
         self.order, self.workload, self.emitter, self.announce = order, workload, emitter, announce
         self.vocab_size, self.max_prompt_tokens = vocab_size, max_prompt_tokens
         self.max_output_tokens, self.max_in_flight, self.time_scale = max_output_tokens, max_in_flight, time_scale

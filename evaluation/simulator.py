@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from engine_emitter.decision_book import DecisionBook
 from framework_emitter.prefix_blocks import block_hashes
-from framework_emitter.traces import TraceCall
+from framework_emitter.traces import TraceCall, next_in_session
 from streams import events as ev
 
 SCORE_LEVELS = 20
@@ -333,17 +333,6 @@ def workflow_distances(calls: Sequence[TraceCall]) -> dict[str, dict[str, int]]:
             frontier = nxt
         distance[start] = found
     return distance
-
-
-def next_in_session(calls: Sequence[TraceCall]) -> dict[int, TraceCall]:
-    """Call index -> the same session's next call (absent for a session's last)."""
-    following: dict[int, TraceCall] = {}
-    last_of: dict[str, int] = {}
-    for k, call in enumerate(calls):
-        if call.session in last_of:
-            following[last_of[call.session]] = call
-        last_of[call.session] = k
-    return following
 
 
 def run_steps_to_execution(calls: Sequence[TraceCall], capacity_blocks: int, *, block_size: int = 32) -> SimResult:

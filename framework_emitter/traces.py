@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +113,14 @@ def sessions(calls: Iterator[TraceCall] | list[TraceCall]) -> dict[str, list[Tra
     for calls_of_session in grouped.values():
         calls_of_session.sort(key=lambda c: c.seq)
     return grouped
+
+
+def next_in_session(calls: Sequence[TraceCall]) -> dict[int, TraceCall]:
+    """Call index -> the same session's next call (absent for a session's last)."""
+    following: dict[int, TraceCall] = {}
+    last_of: dict[str, int] = {}
+    for k, call in enumerate(calls):
+        if call.session in last_of:
+            following[last_of[call.session]] = call
+        last_of[call.session] = k
+    return following

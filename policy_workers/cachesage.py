@@ -823,8 +823,11 @@ class CacheSage(Policy):
         """P(the agent calls again in session ``name``), ``chain`` the chain's prediction; None: the chain's stands.
 
         Learned from the agent's calls so far in the session (its turns). On ag2 this probability
-        is most of the gap to the offline optimum (``evaluation.ablation``'s "calls again").
+        is most of the gap to the offline optimum (``evaluation.ablation``'s "calls again"). An agent
+        the framework named next (a handoff) calls: its turns do not discount that.
         """
+        if session.handoff_to == agent:
+            return None
         turns = session.calls_by_agent.get(agent, 0)
         i = w.model.index.get(agent)
         if not turns or i is None:
@@ -941,7 +944,7 @@ class CacheSage(Policy):
             # P(a's next call is the t-th from now): when from the chain; whether at all from the chain and
             # from how many calls a has made in the session (agents have their turns and are done)
             chain = float(weights.sum())
-            if chain > 1e-9 and session.handoff_to != agent:  # (the framework named it next: it calls)
+            if chain > 1e-9:
                 p = self._p_calls_again(w, name, session, agent, min(chain, 1.0))
                 if p is not None:
                     weights = weights * (p / chain)
@@ -1101,7 +1104,7 @@ class CacheSage(Policy):
             # The chain says who comes next if the session goes on; whether that agent calls again at all
             # (its turns so far) says whether it does. Without it, a session that ends after the step
             # (half of crewAI's) held pins and drew prefetches for a call that never came.
-            again = None if session.handoff_to else self._p_calls_again(w, name, session, agent, probability)
+            again = self._p_calls_again(w, name, session, agent, probability)
             if again is not None:
                 probability *= again
             _, latest = w.prefix_of.get((agent, name), (None, []))
