@@ -9,6 +9,12 @@ their distinct full prompt blocks (default: the workload's pressure band), at
 least one longest prompt; both stated in the output. Each repeat runs, on the same model,
 capacity, order and prompts, the prefix cache reset before each arm:
 - stock: vLLM with its own scheduler;
+- lru-runtime (a control, not in the default arms): the policy arms' engine
+  (AgentRuntimeScheduler) with no policy, which evicts exactly as stock; its
+  hit rate must equal stock's, and its TTFT and throughput against stock's
+  are what the second engine instance and the runtime layer cost or give
+  before any policy acts (on a 2-core CPU the two engines' speeds can
+  differ between processes);
 - cachesage: vLLM + AgentRuntimeScheduler + CacheSage's eviction scores only,
   its state first learned from the workload's other sessions (--warm-calls
   of them, never the replayed ones), as a worker that has been running
@@ -45,6 +51,7 @@ PRESSURE = {"ag2_captainagent": 0.05, "chatdev": 0.05, "crewai": 0.05, "magentic
 # little prefill.
 CALLS = {"ag2_captainagent": 120, "chatdev": 120, "crewai": 400, "magentic_one": 400, "tau_airline": 400}
 ARMS = ("stock", "cachesage", "cachesage-cold", "cachesage+prefetch", "oracle")
+CONTROL_ARMS = ("lru-runtime",)
 WARM_CALLS = 2000
 
 
@@ -88,7 +95,8 @@ COLUMNS = [("hit rate", "hit_rate", "{:.3f}"), ("TTFT mean (s)", "ttft_mean_s", 
 
 
 def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float]) -> str:
-    """Markdown: one row per arm, median over repeats with [min–max], plus ratios against stock."""
+    """Markdown: one row per arm, median over repeats with [min–max], plus ratios against stock (and
+    against the control arm, where it ran)."""
     head = "| arm | " + " | ".join(c[0] for c in COLUMNS) + " | simulated hit rate (same capacity and requests in flight) |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for arm, runs in rows.items():
@@ -102,20 +110,23 @@ def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float]) 
             cells.append(cell)
         sim = simulated.get(arm)
         lines.append(f"| {arm} | " + " | ".join(cells) + (f" | {sim:.3f} |" if sim is not None else " | – |"))
-    stock = rows.get("stock")
-    if stock:
-        base = {k: statistics.median(r[k] for r in stock) for _, k, _ in COLUMNS}
+    # Against stock, and against the control (the policy arms' own engine with no policy) where it ran.
+    baselines = [arm for arm in ("stock", *CONTROL_ARMS) if arm in rows]
+    for n, baseline in enumerate(baselines):
+        base = _medians(rows[baseline])
         for arm, runs in rows.items():
-            if arm == "stock":
+            if arm in baselines[: n + 1]:
                 continue
-            med = {k: statistics.median(r[k] for r in runs) for _, k, _ in COLUMNS}
+            med = _medians(runs)
             lines.append(
-                f"\n{arm} vs stock: hit rate {100 * (med['hit_rate'] - base['hit_rate']):+.1f} pp, "
+                f"\n{arm} vs {baseline}: hit rate {100 * (med['hit_rate'] - base['hit_rate']):+.1f} pp, "
                 f"mean TTFT {_change(med['ttft_mean_s'], base['ttft_mean_s'])}, "
                 f"p99 TTFT {_change(med['ttft_p99_s'], base['ttft_p99_s'])} "
                 f"({_change(med['ttft_p99_warm_s'], base['ttft_p99_warm_s'])} after the first burst), "
                 f"throughput {_change(med['requests_per_s'], base['requests_per_s'])} (req/s), "
                 f"prefill tokens {_change(med['prefill_tokens'], base['prefill_tokens'])}")
+    if "stock" in rows:
+        base = _medians(rows["stock"])
         if "oracle" in rows:
             oracle = statistics.median(r["hit_rate"] for r in rows["oracle"])
             gap = oracle - base["hit_rate"]
@@ -126,6 +137,10 @@ def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float]) 
                              else "n/a (oracle within 0.5 pp of stock)")
                     lines.append(f"\n{arm} closes {share} of the stock→oracle hit-rate gap.")
     return "\n".join(lines)
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for _, key, _ in COLUMNS}
 
 
 def _change(new: float, old: float) -> str:
@@ -403,14 +418,16 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
                  "cachesage-cold": run_cachesage(sim_calls, capacity, workload, in_flight=k,
                                                  announce=args.announce).hit_rate,
                  "oracle": simulate(sim_calls, capacity, Belady.for_calls(sim_calls), in_flight=k).hit_rate}
+    simulated["lru-runtime"] = simulated["stock"]
     # One block more than the capacity: vLLM keeps one as its null block.
     dtype = setup["dtype"]
     stock_llm = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64, agentrt=False, dtype=dtype)
     runtime_llm = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64, agentrt=True, dtype=dtype)
-    speed = [_warm_up(llm, vocab, args.max_prompt_tokens) for llm in (stock_llm, runtime_llm)][0]
-    setup["prefill_tokens_per_s"] = round(speed)
+    speed, runtime_speed = (_warm_up(llm, vocab, args.max_prompt_tokens) for llm in (stock_llm, runtime_llm))
+    setup["prefill_tokens_per_s"], setup["runtime_prefill_tokens_per_s"] = round(speed), round(runtime_speed)
     print(f"model {args.model_size} ({parameters(args.model_size) / 1e6:.0f}M parameters, random weights, {dtype}): "
-          f"prefill {speed:,.0f} tokens/s on one uncached {args.max_prompt_tokens}-token prompt", flush=True)
+          f"prefill {speed:,.0f} tokens/s on one uncached {args.max_prompt_tokens}-token prompt (the policy arms' "
+          f"engine: {runtime_speed:,.0f})", flush=True)
     rows: dict[str, list[dict[str, float]]] = {arm: [] for arm in args.arms}
     last: dict[str, Any] = {}
     for repeat in range(args.repeats):
@@ -422,7 +439,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
                 scheduler.apply_decisions([])
             if not llm.reset_prefix_cache():
                 raise RuntimeError("the engine still holds blocks between arms; results would not be comparable")
-            if arm_name == "stock":
+            if arm_name in ("stock", "lru-runtime"):
                 arm: Arm = Arm()
             elif arm_name in ("cachesage", "cachesage-cold"):  # eviction scores only: what the simulator models
                 arm = PolicyArm(cachesage(arm_name == "cachesage", pin_threshold=2.0, prefetch_threshold=2.0),
@@ -487,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=None,
                         help="KV capacity / prefix footprint (default: the workload's pressure band, PRESSURE)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + CONTROL_ARMS)
     parser.add_argument("--warm-calls", type=int, default=WARM_CALLS,
                         help="CacheSage's state is first learned (in the simulator) from up to this many calls of "
                              "the workload's sessions that are not replayed; 0: every CacheSage arm starts cold")

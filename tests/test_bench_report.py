@@ -73,3 +73,15 @@ def test_cachesage_settings_from_the_command_line_are_typed_and_checked():
     for bad in ("no_such_setting=1", "prefetch_lead=two", "prefetch_lead"):
         with pytest.raises(SystemExit):
             config_overrides(parser, [bad])
+
+
+def test_with_the_control_arm_each_policy_arm_is_also_compared_with_its_own_engine_without_a_policy():
+    from evaluation.bench import table
+
+    stock, control, policy = (metrics(_result([ttft] * 20)) for ttft in (0.4, 0.5, 0.3))
+    text = table({"stock": [stock], "lru-runtime": [control], "cachesage": [policy]}, {})
+    assert "lru-runtime vs stock: hit rate +0.0 pp, mean TTFT +25.0%" in text
+    assert "cachesage vs stock: hit rate +0.0 pp, mean TTFT -25.0%" in text
+    assert "cachesage vs lru-runtime: hit rate +0.0 pp, mean TTFT -40.0%" in text
+    assert "stock vs lru-runtime" not in text
+    assert "vs lru-runtime" not in table({"stock": [stock], "cachesage": [policy]}, {})
