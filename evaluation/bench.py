@@ -7,7 +7,8 @@ Per workload: the trace's first whole sessions up to --calls calls,
 interleaved 16 at a time (the simulator's order); KV capacity = --fraction of
 their distinct full prompt blocks (default: the workload's pressure band), at
 least one longest prompt; both stated in the output. Each repeat runs, on the same model,
-capacity, order and prompts, the prefix cache reset before each arm:
+capacity, order and prompts, the prefix cache reset before each arm (every other repeat runs the
+arms in reverse order):
 - stock: vLLM with its own scheduler;
 - lru-runtime (a control, not in the default arms): the policy arms' engine
   (AgentRuntimeScheduler) with no policy, which evicts exactly as stock; its
@@ -431,7 +432,9 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
     rows: dict[str, list[dict[str, float]]] = {arm: [] for arm in args.arms}
     last: dict[str, Any] = {}
     for repeat in range(args.repeats):
-        for arm_name in args.arms:
+        # Every other repeat in reverse order: a drift in the machine's speed across a repeat weighs on
+        # every arm alike over two repeats, not always on the last.
+        for arm_name in args.arms if repeat % 2 == 0 else args.arms[::-1]:
             llm = stock_llm if arm_name == "stock" else runtime_llm
             if arm_name != "stock":  # forget the previous arm's decisions; release its pins
                 scheduler = llm.llm_engine.engine_core.engine_core.scheduler
