@@ -680,6 +680,23 @@ def test_an_agent_that_has_had_its_turn_is_worth_less_than_one_that_speaks_again
     assert scores["live-verifier-1"] - scores["live-proposer-1"] > 0.3
 
 
+def test_a_small_reuse_rate_is_learned_not_rounded_away():
+    """One block in 50 reused: each EWMA step is under 1/126, which a linear six-bit cell rounded away
+    (it stayed at the first observation's zero); the logit-scale cell follows it."""
+    from policy_workers.cachesage import _Reuse
+
+    reuse = _Reuse(strength=0.0)  # the cell's own value, not shrunk toward other agents
+    chain = [f"b{k}" for k in range(50)]
+    reuse.observe(0, [chain], [], lambda h, p: 5)
+    for _ in range(40):
+        reuse.observe(0, [chain], chain[:1], lambda h, p: 5)
+    assert 0.015 < reuse.hazard(0, 0, 5) < 0.025
+    longer = [f"c{k}" for k in range(200)]
+    for _ in range(40):  # and down to one in 200
+        reuse.observe(0, [longer], longer[:1], lambda h, p: 5)
+    assert 0.004 < reuse.hazard(0, 0, 5) < 0.007
+
+
 def test_a_reuse_class_seen_once_is_not_priced_at_zero_and_learning_survives_a_restart():
     from policy_workers.cachesage import _Reuse
 
