@@ -269,7 +269,8 @@ class _Reuse:
 
     def _update(self, age: int, b: int, i: int, outcome: float) -> None:
         cell = int(self.arrays[age, b, i])
-        value = outcome if cell == 0 else self.VALUES[cell] + self.ALPHA * (outcome - self.VALUES[cell])
+        previous = float(self.VALUES[cell])
+        value = outcome if cell == 0 else previous + self.ALPHA * (outcome - previous)
         self.arrays[age, b, i] = self._encode(value)
 
     @classmethod
@@ -293,7 +294,7 @@ class _Reuse:
         cell = int(cells[i])
         if cell == 0:
             return everyone
-        return (self.OBSERVED_WEIGHT * self.VALUES[cell] + k * everyone) / (self.OBSERVED_WEIGHT + k)
+        return (self.OBSERVED_WEIGHT * float(self.VALUES[cell]) + k * everyone) / (self.OBSERVED_WEIGHT + k)
 
     def nbytes(self, n: int) -> int:
         return self.arrays.shape[0] * self.arrays.shape[1] * n * self.arrays.itemsize + n * self.typical_reply.itemsize
