@@ -681,8 +681,8 @@ def test_an_agent_that_has_had_its_turn_is_worth_less_than_one_that_speaks_again
 
 
 def test_a_small_reuse_rate_is_learned_not_rounded_away():
-    """One block in 50 reused: each EWMA step is under 1/126, which a linear six-bit cell rounded away
-    (it stayed at the first observation's zero); the logit-scale cell follows it."""
+    """One block in 50, then one in 200, reused: near these rates an EWMA step is under 1/126, which a
+    linear six-bit cell rounded away (it stopped at 1/63); the logit-scale cell follows them."""
     from policy_workers.cachesage import _Reuse
 
     reuse = _Reuse(strength=0.0)  # the cell's own value, not shrunk toward other agents
