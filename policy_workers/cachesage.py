@@ -229,6 +229,7 @@ class _Reuse:
         self.arrays = np.zeros((AGES, CLASSES, 8), dtype=np.uint8)
         self.typical_reply = np.zeros(8, dtype=np.float16)  # per agent: EWMA of log(1 + reply tokens)
         self._everyone: dict[tuple[int, int], float] = {}  # all agents' mean per (age, class), until the next update
+        self._first: dict[tuple, list[float]] = {}  # first_reuse's answers, until the next update
 
     def long_reply(self, i: int, output_tokens: int | None) -> bool:
         """Whether a reply is longer than the agent's typical one so far (False when unknown); then learn it."""
@@ -250,6 +251,7 @@ class _Reuse:
         while i >= self.arrays.shape[2]:
             self.arrays = np.concatenate([self.arrays, np.zeros_like(self.arrays)], axis=2)
         self._everyone.clear()
+        self._first.clear()
         current = set(current)
         seen: set[str] = set()
         classes = self.arrays.shape[1]
@@ -295,6 +297,22 @@ class _Reuse:
         if cell == 0:
             return everyone
         return (self.OBSERVED_WEIGHT * float(self.VALUES[cell]) + k * everyone) / (self.OBSERVED_WEIGHT + k)
+
+    def first_reuse(self, age: int, i: int | None, position_bin: int) -> list[float]:
+        """P(the agent's j-th next prompt is the first to reuse a block of this age and class), j = 0..
+
+        Kept until the next update: a scorer asks for the same few cells on every act.
+        """
+        key = (age, i, position_bin)
+        found = self._first.get(key)
+        if found is None:
+            found, not_yet = [], 1.0
+            for j in range(max(AGES - age, 0)):
+                h = self.hazard(age + j, i, position_bin)
+                found.append(not_yet * h)
+                not_yet *= 1.0 - h
+            self._first[key] = found
+        return found
 
     def nbytes(self, n: int) -> int:
         return self.arrays.shape[0] * self.arrays.shape[1] * n * self.arrays.itemsize + n * self.typical_reply.itemsize
@@ -893,7 +911,6 @@ class CacheSage(Policy):
         later_calls = np.arange(steps, dtype=float)
         later_prompts = np.arange(AGES, dtype=float)
         inverse: dict[tuple[str, str], np.ndarray | None] = {}
-        reuse: dict[tuple, list[float]] = {}
         columns: dict[tuple, np.ndarray] = {}
         timing: dict[str, tuple[float, float]] = {}
         factors: dict[tuple, float] = {}
@@ -957,26 +974,13 @@ class CacheSage(Policy):
                                      ) @ weights
             return found
 
-        def first_reuse(i: int | None, age: int, pbin: int) -> list[float]:
-            """P(the agent's j-th next prompt is the first to reuse a block of this age and class), j = 0.."""
-            key = (i, age, pbin)
-            found = reuse.get(key)
-            if found is None:
-                found, not_yet = [], 1.0
-                for j in range(max(AGES - age, 0)):
-                    h = w.reuse.hazard(age + j, i, pbin)
-                    found.append(not_yet * h)
-                    not_yet *= 1.0 - h
-                reuse[key] = found
-            return found
-
         def user_density(user: tuple[str, str], age: int, pbin: int) -> float:
             times = inverse_times(user)
             if times is None:
                 return 0.0
             replies = w.replies.get(user)
             pbin = reply_class(pbin, bool(replies) and age < len(replies) and replies[age])
-            return sum(p * t for p, t in zip(first_reuse(w.model.index.get(user[0]), age, pbin), times))
+            return sum(p * t for p, t in zip(w.reuse.first_reuse(age, w.model.index.get(user[0]), pbin), times))
 
         def key_score(key: tuple, born: float, renewed: float) -> float:
             found = by_key.get((key, born, renewed))

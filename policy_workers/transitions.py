@@ -143,7 +143,17 @@ class TransitionModel:
             return None
         cached = getattr(self, "_full", None)
         if cached is None or cached[0] != self.version or cached[1].shape[0] != n:
-            rows = np.stack([self.row(name) for name in self.names]) if n else np.zeros((0, 0))
+            # Every row as ``row`` computes it, in one pass: rebuilt after each observed call, so the
+            # scorer of a workload with many agents (crewAI's 72) pays for it on most acts.
+            if self._dense is not None:
+                counts = self._dense[:n, :n].astype(np.float64)
+            else:
+                counts = np.zeros((n, n))
+                for i, successors in enumerate(self._sparse[:n]):
+                    for j, c in successors.items():
+                        counts[i, j] = c
+            totals = counts.sum(axis=1, keepdims=True)
+            rows = (counts + self.prior_strength * self._prior()[None, :]) / (totals + self.prior_strength)
             cached = self._full = (self.version, rows)
         return cached[1]
 

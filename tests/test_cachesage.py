@@ -64,6 +64,22 @@ def test_unseen_transitions_and_agents_keep_a_nonzero_probability():
     assert model.hitting("never-seen", 3) == {}
 
 
+@pytest.mark.parametrize("agents", [12, 90])  # dense counts, and sparse past the 64-agent limit
+def test_the_whole_matrix_holds_each_row_as_row_computes_it(agents):
+    model = TransitionModel(dense_limit=64)
+    rng = np.random.default_rng(7)
+    names = [f"agent-{i}" for i in range(agents)]
+    for _ in range(3000):
+        a, b = rng.integers(0, agents, size=2)
+        model.observe_call(names[a])
+        model.observe(names[a], names[b])
+    assert (model._dense is None) == (agents > 64)
+    whole = model.matrix()
+    assert whole.shape == (agents, agents)
+    for name in names:
+        assert np.allclose(whole[model.index[name]], model.row(name), rtol=1e-12, atol=1e-15)
+
+
 def test_hitting_probabilities_match_monte_carlo():
     model = TransitionModel(decay=1.0, prior_strength=1e-6)
     states = walk(CHAIN, 20000, seed=4)
