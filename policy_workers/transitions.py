@@ -120,8 +120,12 @@ class TransitionModel:
             counts = np.zeros(n)
             for j, c in self._sparse[i].items():
                 counts[j] = c
-        total = counts.sum()
-        return (counts + self.prior_strength * prior) / (total + self.prior_strength)
+        return self._with_prior(counts, prior)
+
+    def _with_prior(self, counts: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """Transition probabilities from decayed counts (one row, or rows): the prior's pseudo-counts added."""
+        totals = counts.sum(axis=-1, keepdims=True)
+        return (counts + self.prior_strength * prior) / (totals + self.prior_strength)
 
     def matrix(self, agents: Iterable[int] | None = None) -> np.ndarray:
         """The row-stochastic matrix over all agents (or the given subset, renormalised)."""
@@ -152,8 +156,7 @@ class TransitionModel:
                 for i, successors in enumerate(self._sparse[:n]):
                     for j, c in successors.items():
                         counts[i, j] = c
-            totals = counts.sum(axis=1, keepdims=True)
-            rows = (counts + self.prior_strength * self._prior()[None, :]) / (totals + self.prior_strength)
+            rows = self._with_prior(counts, self._prior()[None, :])
             cached = self._full = (self.version, rows)
         return cached[1]
 
