@@ -95,9 +95,11 @@ COLUMNS = [("hit rate", "hit_rate", "{:.3f}"), ("TTFT mean (s)", "ttft_mean_s", 
            ("session p50 (s)", "session_p50_s", "{:.1f}"), ("prefill tokens", "prefill_tokens", "{:,.0f}")]
 
 
-def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float]) -> str:
+def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float],
+          paired: dict[str, list[tuple[dict[str, float], dict[str, float]]]] | None = None) -> str:
     """Markdown: one row per arm, median over repeats with [min–max], plus ratios against stock (and
-    against the control arm, where it ran)."""
+    against the control arm, where it ran); run side by side (``paired``: each arm's figures and those
+    of the stock run stepped beside it, per repeat), each arm against its own stock runs, pair by pair."""
     head = "| arm | " + " | ".join(c[0] for c in COLUMNS) + " | simulated hit rate (same capacity and requests in flight) |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for arm, runs in rows.items():
@@ -111,8 +113,23 @@ def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float]) 
             cells.append(cell)
         sim = simulated.get(arm)
         lines.append(f"| {arm} | " + " | ".join(cells) + (f" | {sim:.3f} |" if sim is not None else " | – |"))
+    for arm, pairs in (paired or {}).items():
+        def change(key: str) -> str:
+            ratios = [100 * (mine[key] / base[key] - 1) for mine, base in pairs if base[key]]
+            if not ratios:
+                return "n/a"
+            spread = f" [{min(ratios):+.1f}% to {max(ratios):+.1f}%]" if len(ratios) > 1 else ""
+            return f"{statistics.median(ratios):+.1f}%{spread}"
+
+        hit = statistics.median(100 * (mine["hit_rate"] - base["hit_rate"]) for mine, base in pairs)
+        lines.append(
+            f"\n{arm} vs the stock run beside it (side by side, on their own clocks; median [range] over "
+            f"{len(pairs)} pair{'s' if len(pairs) > 1 else ''}): hit rate {hit:+.1f} pp, "
+            f"mean TTFT {change('ttft_mean_s')}, p99 TTFT {change('ttft_p99_s')} "
+            f"({change('ttft_p99_warm_s')} after the first burst), "
+            f"throughput {change('requests_per_s')} (req/s), prefill tokens {change('prefill_tokens')}")
     # Against stock, and against the control (the policy arms' own engine with no policy) where it ran.
-    baselines = [arm for arm in ("stock", *CONTROL_ARMS) if arm in rows]
+    baselines = [arm for arm in ("stock", *CONTROL_ARMS) if arm in rows and not paired]
     for n, baseline in enumerate(baselines):
         base = _medians(rows[baseline])
         for arm, runs in rows.items():
@@ -149,10 +166,11 @@ def _change(new: float, old: float) -> str:
 
 
 def save_sql(url: str, run_id: str, workload: str, setup: dict[str, Any], arm: str, repeat: int,
-             figures: dict[str, float], calls: Sequence[Any] = ()) -> None:
+             figures: dict[str, float], calls: Sequence[Any] = (), paired_with: str | None = None) -> None:
     """One row per arm and repeat (``agentrt_eval_runs``: the figures it is judged by) and one per request
     (``agentrt_eval_requests``: what it asked, what was cached, when its first token came; ``calls`` are
-    ``engine_replay.CallResult``s, numbered in submission order), to find which requests make a tail."""
+    ``engine_replay.CallResult``s, numbered in submission order), to find which requests make a tail.
+    ``paired_with``: the arm whose run was stepped beside this one (side by side), else NULL."""
     from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, create_engine
 
     meta = MetaData()
@@ -164,6 +182,7 @@ def save_sql(url: str, run_id: str, workload: str, setup: dict[str, Any], arm: s
                  Column("arm", String(32), nullable=False),
                  Column("repeat", Integer, nullable=False),
                  Column("setup", Text, nullable=False),
+                 Column("paired_with", String(32)),
                  *(Column(key, Float) for key in figures))
     requests = Table("agentrt_eval_requests", meta,
                      Column("id", Integer, primary_key=True, autoincrement=True),
@@ -186,7 +205,8 @@ def save_sql(url: str, run_id: str, workload: str, setup: dict[str, Any], arm: s
     start = min((c.submitted for c in calls), default=0.0)
     with engine.begin() as conn:
         conn.execute(runs.insert(), [{"run_id": run_id, "created_at": time.time(), "workload": workload, "arm": arm,
-                                      "repeat": repeat, "setup": json.dumps(setup), **figures}])
+                                      "repeat": repeat, "setup": json.dumps(setup), "paired_with": paired_with,
+                                      **figures}])
         if calls:
             conn.execute(requests.insert(), [
                 {"run_id": run_id, "workload": workload, "arm": arm, "repeat": repeat, "call": index,
@@ -380,7 +400,7 @@ def setting(workload: str, calls: int, max_sessions: int, fraction: float, max_p
 def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int, run_id: str) -> str:
     from policy_workers.cachesage import CacheSage
 
-    from .engine_replay import Arm, OracleArm, PolicyArm, replay
+    from .engine_replay import Arm, OracleArm, PolicyArm, ReplayRun, side_by_side
     from .simulator import LRU, Belady, run_cachesage, simulate
 
     fraction = args.fraction if args.fraction is not None else PRESSURE[workload]
@@ -393,6 +413,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
              "max_output_tokens": args.max_output_tokens, "max_in_flight": args.max_in_flight,
              "capacity_sized_for_in_flight": sized_for,
              "time_scale": args.time_scale, "announce": args.announce, "repeats": args.repeats,
+             "side_by_side": args.side_by_side,
              **({"cachesage": args.cachesage} if args.cachesage else {}),
              "dtype": cpu_dtype() if args.dtype == "auto" else args.dtype}
     print(f"\n## {workload}: {len(chosen)} sessions, {len(order)} calls; KV capacity {capacity} blocks of 32 tokens "
@@ -430,47 +451,74 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
           f"prefill {speed:,.0f} tokens/s on one uncached {args.max_prompt_tokens}-token prompt (the policy arms' "
           f"engine: {runtime_speed:,.0f})", flush=True)
     rows: dict[str, list[dict[str, float]]] = {arm: [] for arm in args.arms}
+    paired: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {}  # arm -> (its, its stock's) figures
     last: dict[str, Any] = {}
+
+    def prepare(arm_name: str) -> tuple[Any, Arm]:
+        """The arm's engine, its prefix cache empty and no decision left from the arm before, and the arm."""
+        llm = stock_llm if arm_name == "stock" else runtime_llm
+        if arm_name != "stock":  # forget the previous arm's decisions; release its pins
+            scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+            scheduler.book.clear()
+            scheduler.apply_decisions([])
+        if not llm.reset_prefix_cache():
+            raise RuntimeError("the engine still holds blocks between arms; results would not be comparable")
+        if arm_name in ("stock", "lru-runtime"):
+            return llm, Arm()
+        if arm_name in ("cachesage", "cachesage-cold"):  # eviction scores only: what the simulator models
+            return llm, PolicyArm(cachesage(arm_name == "cachesage", pin_threshold=2.0, prefetch_threshold=2.0),
+                                  name=arm_name, act_every_s=args.act_every_s)
+        if arm_name == "cachesage+prefetch":  # everything it does: scores, pins, prefetch
+            return llm, PolicyArm(cachesage(True), name=arm_name, act_every_s=args.act_every_s)
+        return llm, OracleArm(order, 32, args.max_prompt_tokens)
+
+    def run(arm_name: str, repeat: int, progress: bool = True) -> ReplayRun:
+        llm, arm = prepare(arm_name)
+        return ReplayRun(llm, order, arm, workload=workload, vocab_size=vocab,
+                         max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
+                         max_in_flight=args.max_in_flight, time_scale=args.time_scale, announce=args.announce,
+                         progress=_progress(f"{workload} {arm_name} #{repeat + 1}") if progress else None)
+
+    def record(arm_name: str, repeat: int, replayed: ReplayRun, result: Any, seconds: float,
+               paired_with: str | None = None) -> dict[str, float]:
+        figures = metrics(result, warmup_calls=2 * args.max_in_flight)
+        rows[arm_name].append(figures)
+        last[arm_name] = result
+        save_sql(args.db, run_id, workload, setup, arm_name, repeat, figures, result.calls, paired_with)
+        cost, arm = "", replayed.arm
+        if isinstance(arm, PolicyArm):
+            cost = (f" (policy in the engine's thread: observe {arm.cost_s['observe']:.1f} s, act "
+                    f"{arm.cost_s['act']:.1f} s in {arm.acts:,} acts, applying {arm.decisions:,} decisions "
+                    f"{arm.cost_s['apply']:.1f} s)")
+            prefetches = {k: v for k, v in result.counters.items() if k.startswith("prefetch")}
+            if prefetches:
+                cost += " " + ", ".join(f"{k} {v:,}" for k, v in sorted(prefetches.items()))
+        beside = f", beside {paired_with}, {result.wall_s:.0f} s of its own" if paired_with else ""
+        print(f"\r{workload} {arm_name} #{repeat + 1}: hit {figures['hit_rate']:.3f}, mean TTFT "
+              f"{figures['ttft_mean_s']:.3f} s, {seconds:.0f} s{beside}{cost}", flush=True)
+        return figures
+
     for repeat in range(args.repeats):
         # Every other repeat in reverse order: a drift in the machine's speed across a repeat weighs on
         # every arm alike over two repeats, not always on the last.
-        for arm_name in args.arms if repeat % 2 == 0 else args.arms[::-1]:
-            llm = stock_llm if arm_name == "stock" else runtime_llm
-            if arm_name != "stock":  # forget the previous arm's decisions; release its pins
-                scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-                scheduler.book.clear()
-                scheduler.apply_decisions([])
-            if not llm.reset_prefix_cache():
-                raise RuntimeError("the engine still holds blocks between arms; results would not be comparable")
-            if arm_name in ("stock", "lru-runtime"):
-                arm: Arm = Arm()
-            elif arm_name in ("cachesage", "cachesage-cold"):  # eviction scores only: what the simulator models
-                arm = PolicyArm(cachesage(arm_name == "cachesage", pin_threshold=2.0, prefetch_threshold=2.0),
-                                name=arm_name, act_every_s=args.act_every_s)
-            elif arm_name == "cachesage+prefetch":  # everything it does: scores, pins, prefetch
-                arm = PolicyArm(cachesage(True), name=arm_name, act_every_s=args.act_every_s)
-            else:
-                arm = OracleArm(order, 32, args.max_prompt_tokens)
+        names = args.arms if repeat % 2 == 0 else args.arms[::-1]
+        if not args.side_by_side:
+            for arm_name in names:
+                began = time.perf_counter()
+                replayed = run(arm_name, repeat)
+                record(arm_name, repeat, replayed, replayed.alone(), time.perf_counter() - began)
+            continue
+        # Side by side: each other arm takes turns, step for step, with a stock run of its own.
+        for arm_name in (name for name in names if name != "stock"):
+            stock, other = run("stock", repeat, progress=False), run(arm_name, repeat)
             began = time.perf_counter()
-            result = replay(llm, order, arm, workload=workload, vocab_size=vocab,
-                            max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
-                            max_in_flight=args.max_in_flight, time_scale=args.time_scale, announce=args.announce,
-                            progress=_progress(f"{workload} {arm_name} #{repeat + 1}"))
-            figures = metrics(result, warmup_calls=2 * args.max_in_flight)
-            rows[arm_name].append(figures)
-            last[arm_name] = result
-            save_sql(args.db, run_id, workload, setup, arm_name, repeat, figures, result.calls)
-            cost = ""
-            if isinstance(arm, PolicyArm):
-                cost = (f" (policy in the engine's thread: observe {arm.cost_s['observe']:.1f} s, act "
-                        f"{arm.cost_s['act']:.1f} s in {arm.acts:,} acts, applying {arm.decisions:,} decisions {arm.cost_s['apply']:.1f} s)")
-                prefetches = {k: v for k, v in result.counters.items() if k.startswith("prefetch")}
-                if prefetches:
-                    cost += " " + ", ".join(f"{k} {v:,}" for k, v in sorted(prefetches.items()))
-            print(f"\r{workload} {arm_name} #{repeat + 1}: hit {figures['hit_rate']:.3f}, mean TTFT "
-                  f"{figures['ttft_mean_s']:.3f} s, {time.perf_counter() - began:.0f} s{cost}", flush=True)
+            side_by_side([stock, other] if repeat % 2 == 0 else [other, stock])  # who steps first alternates too
+            seconds = time.perf_counter() - began
+            base = record("stock", repeat, stock, stock.result, seconds, paired_with=arm_name)
+            figures = record(arm_name, repeat, other, other.result, seconds, paired_with="stock")
+            paired.setdefault(arm_name, []).append((figures, base))
     del stock_llm, runtime_llm
-    text = table(rows, simulated)
+    text = table(rows, simulated, paired)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{workload}.md").write_text(f"{workload}: {json.dumps(setup)}\n\n{text}\n")
@@ -524,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: --max-in-flight); e.g. 8 with --max-in-flight 1 is the default run's engine "
                              "under a lighter load, where TTFT is a request's own prefill")
     parser.add_argument("--time-scale", type=float, default=0.0, help="tool gaps x this (0: back to back)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="each arm other than stock runs beside a stock run of its own, the two engines taking "
+                             "turns step for step, each timed on its own steps: the machine's changes of speed fall "
+                             "on both (the timing comparison to use on a shared host; back to back replays only)")
     parser.add_argument("--no-announce", dest="announce", action="store_false",
                         help="the framework names a session's next agent only when its request comes (a handoff "
                              "then), not when the step before ends: CacheSage has its learned chain alone")
@@ -538,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", default="sqlite:///runs/eval/results.db")
     args = parser.parse_args(argv)
     args.cachesage = config_overrides(parser, args.cachesage)
+    if args.side_by_side and (args.time_scale or "stock" not in args.arms or len(args.arms) < 2):
+        parser.error("--side-by-side needs stock and another arm, and back to back replays (--time-scale 0)")
     if args.model_size == "auto":
         args.model_size = "small" if cpu_dtype() == "bfloat16" else "medium"
     if args.all:

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from framework_emitter.prefix_blocks import block_hashes
@@ -356,29 +356,74 @@ class ReplayDriver:
                         len(self.order), self.max_prompt_tokens)
 
 
-def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, vocab_size: int,
-           max_prompt_tokens: int, max_output_tokens: int = 8, max_in_flight: int = 16, time_scale: float = 0.0,
-           progress: Callable[[int, int], None] | None = None, announce: bool = True) -> ArmResult:
-    """Run ``order`` through the engine of ``llm`` (an in-process ``vllm.LLM``) under ``arm``."""
-    from vllm import SamplingParams
+class OwnClock:
+    """A run's own time: the sum of the spans in which it worked, so runs that take turns on one machine
+    each measure only their own steps (``side_by_side``). Alone, with no gaps between spans, it is wall time."""
 
-    engine = llm.llm_engine
-    scheduler = getattr(engine.engine_core, "engine_core", None)
-    scheduler = getattr(scheduler, "scheduler", None)
-    runtime = scheduler is not None and hasattr(scheduler, "observers")
-    if not runtime and type(arm) is not Arm:
-        raise RuntimeError(f"arm {arm.name!r} needs AgentRuntimeScheduler in this process")
-    emitter = arm.attach(scheduler, workload) if runtime else None
-    counters_before = dict(scheduler.agentrt_counters) if runtime else {}
-    driver = ReplayDriver(order, workload=workload, vocab_size=vocab_size, max_prompt_tokens=max_prompt_tokens,
-                          max_output_tokens=max_output_tokens, max_in_flight=max_in_flight, time_scale=time_scale,
-                          emitter=emitter, announce=announce)
-    first_token: dict[str, float] = {}
-    began = time.perf_counter()
-    clock = time.time
-    try:
-        while not driver.done:
-            now = clock()
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._walls: list[float] = []  # wall time each span began
+        self._owns: list[float] = []  # own time then
+        self._began: float | None = None
+
+    def start(self, wall: float) -> None:
+        self._walls.append(wall)
+        self._owns.append(self.total)
+        self._began = wall
+
+    def stop(self, wall: float) -> None:
+        if self._began is not None:
+            self.total += max(wall - self._began, 0.0)
+            self._began = None
+
+    def own(self, wall: float) -> float:
+        """Own time at a wall time taken inside a span (a submission, a first token, a finish)."""
+        k = bisect.bisect_right(self._walls, wall) - 1
+        if k < 0:
+            return 0.0
+        return self._owns[k] + max(wall - self._walls[k], 0.0)
+
+
+class ReplayRun:
+    """One arm's replay of ``order`` through the engine of ``llm`` (an in-process ``vllm.LLM``), one engine
+    step at a time: ``replay`` runs it to the end alone, ``side_by_side`` takes turns with other runs."""
+
+    def __init__(self, llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, vocab_size: int,
+                 max_prompt_tokens: int, max_output_tokens: int = 8, max_in_flight: int = 16,
+                 time_scale: float = 0.0, progress: Callable[[int, int], None] | None = None,
+                 announce: bool = True) -> None:
+        self.engine = llm.llm_engine
+        scheduler = getattr(self.engine.engine_core, "engine_core", None)
+        self.scheduler = scheduler = getattr(scheduler, "scheduler", None)
+        self.runtime = scheduler is not None and hasattr(scheduler, "observers")
+        if not self.runtime and type(arm) is not Arm:
+            raise RuntimeError(f"arm {arm.name!r} needs AgentRuntimeScheduler in this process")
+        self.arm, self.order, self.progress = arm, order, progress
+        emitter = arm.attach(scheduler, workload) if self.runtime else None
+        self.counters_before = dict(scheduler.agentrt_counters) if self.runtime else {}
+        self.driver = ReplayDriver(order, workload=workload, vocab_size=vocab_size,
+                                   max_prompt_tokens=max_prompt_tokens, max_output_tokens=max_output_tokens,
+                                   max_in_flight=max_in_flight, time_scale=time_scale, emitter=emitter,
+                                   announce=announce)
+        self.first_token: dict[str, float] = {}
+        self.clock = OwnClock()
+        self.began = time.perf_counter()
+        self.result: ArmResult | None = None  # once finished
+        self._attached = True
+
+    @property
+    def done(self) -> bool:
+        return self.driver.done
+
+    def step(self) -> None:
+        """Submit what is ready, run one engine step (or wait a little when nothing runs), record what it
+        finished, and let the arm act."""
+        from vllm import SamplingParams
+
+        driver, arm, engine = self.driver, self.arm, self.engine
+        now = time.time()
+        self.clock.start(now)
+        try:
             for sent in driver.ready(now):
                 if isinstance(arm, OracleArm):
                     arm.register(sent.request_id, sent.index)
@@ -386,39 +431,97 @@ def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, voc
                 params = SamplingParams(max_tokens=sent.max_tokens, temperature=0.0, ignore_eos=True,
                                         extra_args=sent.tags)
                 engine.add_request(sent.request_id, {"prompt_token_ids": sent.token_ids}, params)
-            if not driver.in_flight and not (runtime and scheduler.has_unfinished_requests()):
+            if not driver.in_flight and not (self.runtime and self.scheduler.has_unfinished_requests()):
                 time.sleep(min(driver.wait_s(now), 0.05))
-                continue  # (an idle engine still steps the policy's prefetches: that is their time)
+                return  # (an idle engine still steps the policy's prefetches: that is their time)
             outputs = engine.step()
-            now = clock()
+            now = time.time()
             finished = 0
             for out in outputs:
                 if out.request_id not in driver.in_flight:
                     continue
-                if out.request_id not in first_token and out.outputs and out.outputs[0].token_ids:
-                    first_token[out.request_id] = now
+                if out.request_id not in self.first_token and out.outputs and out.outputs[0].token_ids:
+                    self.first_token[out.request_id] = now
                 if not out.finished:
                     continue
                 finished += 1
                 driver.finished(out.request_id, prompt_tokens=len(out.prompt_token_ids or []),
                                 cached_tokens=int(out.num_cached_tokens or 0),
                                 output_tokens=len(out.outputs[0].token_ids) if out.outputs else 0,
-                                first_token=first_token.pop(out.request_id, now), now=now)
-                if progress:
-                    progress(len(driver.results), len(order))
+                                first_token=self.first_token.pop(out.request_id, now), now=now)
+                if self.progress:
+                    self.progress(len(driver.results), len(self.order))
             arm.after_step(now, finished)
-        # The policy's own requests (prefetches) are invisible to the frontend: drop those not yet queued
-        # (no call is left to use them) and let the rest finish, so the next run starts from an idle engine.
-        if runtime:
-            scheduler.cancel_prefetches()
-        while runtime and scheduler.has_unfinished_requests():
-            engine.step()
+        finally:
+            self.clock.stop(time.time())
+
+    def finish(self, own_time: bool = False) -> ArmResult:
+        """Let the arm's own requests end, detach it and return its figures: on the wall clock, or with
+        ``own_time`` on the run's own clock (its steps' time only)."""
+        self.clock.start(time.time())
+        try:
+            # The policy's own requests (prefetches) are invisible to the frontend: drop those not yet queued
+            # (no call is left to use them) and let the rest finish, so the next run starts from an idle engine.
+            if self.runtime:
+                self.scheduler.cancel_prefetches()
+            while self.runtime and self.scheduler.has_unfinished_requests():
+                self.engine.step()
+        finally:
+            self.clock.stop(time.time())
+            self.close()
+        self.driver.warn_truncated()
+        counters: dict[str, Any] = {}
+        if self.runtime:  # this run's share of the engine's counters
+            counters = {k: v - self.counters_before.get(k, 0) for k, v in self.scheduler.agentrt_counters.items()
+                        if v != self.counters_before.get(k, 0)}
+        calls, wall_s = self.driver.results, time.perf_counter() - self.began
+        if own_time:
+            own = self.clock.own
+            calls = [replace(c, submitted=own(c.submitted), first_token=own(c.first_token), finished=own(c.finished))
+                     for c in calls]
+            wall_s = self.clock.total
+        self.result = ArmResult(self.arm.name, calls, wall_s, self.driver.output_tokens,
+                                counters.get("prefetch_computed_tokens", 0), counters)
+        return self.result
+
+    def alone(self) -> ArmResult:
+        """Step to the end with nothing else running: figures on the wall clock."""
+        try:
+            while not self.done:
+                self.step()
+            return self.finish()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Detach the arm (idempotent)."""
+        if self._attached:
+            self._attached = False
+            self.arm.detach()
+
+
+def replay(llm: Any, order: Sequence[TraceCall], arm: Arm, *, workload: str, vocab_size: int,
+           max_prompt_tokens: int, max_output_tokens: int = 8, max_in_flight: int = 16, time_scale: float = 0.0,
+           progress: Callable[[int, int], None] | None = None, announce: bool = True) -> ArmResult:
+    """Run ``order`` through the engine of ``llm`` (an in-process ``vllm.LLM``) under ``arm``, alone."""
+    return ReplayRun(llm, order, arm, workload=workload, vocab_size=vocab_size, max_prompt_tokens=max_prompt_tokens,
+                     max_output_tokens=max_output_tokens, max_in_flight=max_in_flight, time_scale=time_scale,
+                     progress=progress, announce=announce).alone()
+
+
+def side_by_side(runs: Sequence[ReplayRun]) -> list[ArmResult]:
+    """Runs (in this order) on separate engines in one process, taking turns one engine step each until all are done; each
+    is measured on its own clock (the time of its own steps), so a change in the machine's speed, which on a
+    shared host moves one arm's figures against another's by more than a policy does, falls on all of them
+    alike. Back to back replays only (``time_scale`` 0): a tool gap would run on while the others step."""
+    if any(r.driver.time_scale for r in runs):
+        raise ValueError("side_by_side replays back to back (time_scale 0): a gap would pass during other runs")
+    try:
+        while not all(r.done for r in runs):
+            for run in runs:
+                if not run.done:
+                    run.step()
+        return [run.finish(own_time=True) for run in runs]
     finally:
-        arm.detach()
-    driver.warn_truncated()
-    counters: dict[str, Any] = {}
-    if runtime:  # this run's share of the engine's counters
-        counters = {k: v - counters_before.get(k, 0) for k, v in scheduler.agentrt_counters.items()
-                    if v != counters_before.get(k, 0)}
-    return ArmResult(arm.name, driver.results, time.perf_counter() - began, driver.output_tokens,
-                     counters.get("prefetch_computed_tokens", 0), counters)
+        for run in runs:
+            run.close()

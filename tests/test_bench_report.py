@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from evaluation.bench import metrics, save_sql
-from evaluation.engine_replay import ArmResult, CallResult
+from evaluation.bench import main, metrics, save_sql, table
+from evaluation.engine_replay import ArmResult, CallResult, OwnClock
 
 
 def _result(ttfts: list[float]) -> ArmResult:
@@ -85,3 +85,34 @@ def test_with_the_control_arm_each_policy_arm_is_also_compared_with_its_own_engi
     assert "cachesage vs lru-runtime: hit rate +0.0 pp, mean TTFT -40.0%" in text
     assert "stock vs lru-runtime" not in text
     assert "vs lru-runtime" not in table({"stock": [stock], "cachesage": [policy]}, {})
+
+
+def test_a_runs_own_clock_holds_its_own_steps_only():
+    clock = OwnClock()
+    for began, ended in ((10.0, 12.0), (15.0, 16.0), (20.0, 23.0)):  # another run stepped in the gaps
+        clock.start(began)
+        clock.stop(ended)
+    assert clock.total == pytest.approx(6.0)
+    assert clock.own(11.0) == pytest.approx(1.0)
+    assert clock.own(15.5) == pytest.approx(2.5)
+    assert clock.own(22.0) == pytest.approx(5.0)
+
+
+def test_side_by_side_each_arm_is_compared_with_the_stock_run_beside_it():
+    # the machine ran at three speeds; each pair shared one, and the policy was 10% faster in each
+    pairs = []
+    for speed in (1.0, 2.0, 3.0):
+        stock = metrics(_result([0.2 * speed] * 20))
+        mine = metrics(_result([0.18 * speed] * 20))
+        pairs.append((mine, stock))
+    rows = {"stock": [p[1] for p in pairs], "cachesage": [p[0] for p in pairs]}
+    text = table(rows, {}, {"cachesage": pairs})
+    assert "cachesage vs the stock run beside it" in text
+    assert "mean TTFT -10.0% [-10.0% to -10.0%]" in text
+    assert "cachesage vs stock:" not in text  # medians of unpaired runs would mix the speeds
+
+
+def test_side_by_side_needs_stock_and_back_to_back_replays():
+    for argv in (["--side-by-side", "--arms", "cachesage"], ["--side-by-side", "--time-scale", "1"]):
+        with pytest.raises(SystemExit):
+            main(argv)

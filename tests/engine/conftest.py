@@ -65,6 +65,18 @@ def engine(engine_config, tmp_path_factory):
     yield llm, scheduler
 
 
+@pytest.fixture(scope="session")
+def stock_engine(engine):
+    """A second engine in the process with vLLM's own scheduler, the same model and capacity (a few seconds:
+    the first engine paid the one-off start-up)."""
+    from vllm import LLM
+
+    llm, _ = engine
+    return LLM(model=llm.llm_engine.model_config.model, skip_tokenizer_init=True, block_size=BLOCK_SIZE,
+               num_gpu_blocks_override=NUM_BLOCKS, enable_prefix_caching=True, max_model_len=1024, max_num_seqs=4,
+               dtype="bfloat16", seed=0)
+
+
 @pytest.fixture
 def fresh(engine):
     """The shared engine with an empty prefix cache and no decisions or pins."""

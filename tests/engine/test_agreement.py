@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from evaluation.engine_replay import Arm, PolicyArm, replay
+from evaluation.engine_replay import Arm, PolicyArm, ReplayRun, replay, side_by_side
 from evaluation.simulator import LRU, distinct_blocks, run_cachesage, simulate
 from framework_emitter.replayer import interleave
 from framework_emitter.traces import read_trace, sessions
@@ -78,3 +78,29 @@ def test_the_bench_keeps_every_request_of_a_real_run_in_sql(fresh, crewai_slice,
     assert [r.session for r in rows] == [c.session for c in crewai_slice[:40]]  # one at a time: submission order
     assert sum(r.cached_tokens for r in rows) / sum(r.prompt_tokens for r in rows) == pytest.approx(hit_rate)
     assert hit_rate > 0 and all(r.ttft_s > 0 for r in rows)
+
+
+def test_two_engines_side_by_side_each_compute_what_they_compute_alone_and_count_only_their_own_steps(
+        fresh, stock_engine, crewai_slice):
+    """evaluation.bench --side-by-side: the engines take turns step for step; each run's cache behaves as in a
+    run alone, and its clock holds its own steps only, so the two clocks add up to the time both took."""
+    import time
+
+    llm, scheduler = fresh
+    calls = crewai_slice[:40]
+    options = dict(workload="crewai", vocab_size=4096, max_prompt_tokens=MAX_PROMPT, max_output_tokens=2,
+                   max_in_flight=2)
+    assert stock_engine.reset_prefix_cache()
+    alone = replay(stock_engine, calls, Arm(), **options)
+    assert stock_engine.reset_prefix_cache()
+    runs = [ReplayRun(stock_engine, calls, Arm(), **options), ReplayRun(llm, calls, Arm(), **options)]
+    began = time.time()
+    stock, runtime = side_by_side(runs)
+    both = time.time() - began
+    assert stock.hit_rate == runtime.hit_rate == alone.hit_rate > 0.05  # the same LRU, the same calls
+    assert [c.cached_tokens for c in sorted(stock.calls, key=lambda c: c.submitted)] == \
+        [c.cached_tokens for c in sorted(alone.calls, key=lambda c: c.submitted)]
+    assert stock.wall_s + runtime.wall_s <= both
+    assert stock.wall_s + runtime.wall_s > 0.8 * both  # little else ran: the turns themselves
+    for result in (stock, runtime):
+        assert all(0 <= c.submitted < c.first_token <= c.finished <= result.wall_s for c in result.calls)
