@@ -7,8 +7,10 @@ Per workload: the trace's first whole sessions up to --calls calls,
 interleaved 16 at a time (the simulator's order); KV capacity = --fraction of
 their distinct full prompt blocks (default: the workload's pressure band), at
 least one longest prompt; both stated in the output. Each repeat runs, on the same model,
-capacity, order and prompts, the prefix cache reset before each arm (every other repeat runs the
-arms in reverse order):
+capacity, order and prompts, each arm from an empty prefix cache, side by side: every arm on an
+engine of its own in this process, the engines taking turns one step each, each run timed on
+its own steps only, so a change in the machine's speed falls on every arm alike
+(``--one-after-another``: each arm alone, every other repeat in reverse order). The arms:
 - stock: vLLM with its own scheduler;
 - lru-runtime (a control, not in the default arms): the policy arms' engine
   (AgentRuntimeScheduler) with no policy, which evicts exactly as stock; its
@@ -95,11 +97,10 @@ COLUMNS = [("hit rate", "hit_rate", "{:.3f}"), ("TTFT mean (s)", "ttft_mean_s", 
            ("session p50 (s)", "session_p50_s", "{:.1f}"), ("prefill tokens", "prefill_tokens", "{:,.0f}")]
 
 
-def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float],
-          paired: dict[str, list[tuple[dict[str, float], dict[str, float]]]] | None = None) -> str:
-    """Markdown: one row per arm, median over repeats with [min–max], plus ratios against stock (and
-    against the control arm, where it ran); run side by side (``paired``: each arm's figures and those
-    of the stock run stepped beside it, per repeat), each arm against its own stock runs, pair by pair."""
+def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float], side_by_side: bool = False) -> str:
+    """Markdown: one row per arm, median over repeats with [min–max], plus each arm against stock (and
+    against the control arm, where it ran): with ``side_by_side`` (every arm of a repeat ran in turns with
+    the others) repeat by repeat, the ratios' median and range; else the ratio of the medians."""
     head = "| arm | " + " | ".join(c[0] for c in COLUMNS) + " | simulated hit rate (same capacity and requests in flight) |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for arm, runs in rows.items():
@@ -113,36 +114,13 @@ def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float],
             cells.append(cell)
         sim = simulated.get(arm)
         lines.append(f"| {arm} | " + " | ".join(cells) + (f" | {sim:.3f} |" if sim is not None else " | – |"))
-    for arm, pairs in (paired or {}).items():
-        def change(key: str) -> str:
-            ratios = [100 * (mine[key] / base[key] - 1) for mine, base in pairs if base[key]]
-            if not ratios:
-                return "n/a"
-            spread = f" [{min(ratios):+.1f}% to {max(ratios):+.1f}%]" if len(ratios) > 1 else ""
-            return f"{statistics.median(ratios):+.1f}%{spread}"
-
-        hit = statistics.median(100 * (mine["hit_rate"] - base["hit_rate"]) for mine, base in pairs)
-        lines.append(
-            f"\n{arm} vs the stock run beside it (side by side, on their own clocks; median [range] over "
-            f"{len(pairs)} pair{'s' if len(pairs) > 1 else ''}): hit rate {hit:+.1f} pp, "
-            f"mean TTFT {change('ttft_mean_s')}, p99 TTFT {change('ttft_p99_s')} "
-            f"({change('ttft_p99_warm_s')} after the first burst), "
-            f"throughput {change('requests_per_s')} (req/s), prefill tokens {change('prefill_tokens')}")
     # Against stock, and against the control (the policy arms' own engine with no policy) where it ran.
-    baselines = [arm for arm in ("stock", *CONTROL_ARMS) if arm in rows and not paired]
+    baselines = [arm for arm in ("stock", *CONTROL_ARMS) if arm in rows]
+    how = " (side by side, repeat by repeat: median [range])" if side_by_side else ""
     for n, baseline in enumerate(baselines):
-        base = _medians(rows[baseline])
         for arm, runs in rows.items():
-            if arm in baselines[: n + 1]:
-                continue
-            med = _medians(runs)
-            lines.append(
-                f"\n{arm} vs {baseline}: hit rate {100 * (med['hit_rate'] - base['hit_rate']):+.1f} pp, "
-                f"mean TTFT {_change(med['ttft_mean_s'], base['ttft_mean_s'])}, "
-                f"p99 TTFT {_change(med['ttft_p99_s'], base['ttft_p99_s'])} "
-                f"({_change(med['ttft_p99_warm_s'], base['ttft_p99_warm_s'])} after the first burst), "
-                f"throughput {_change(med['requests_per_s'], base['requests_per_s'])} (req/s), "
-                f"prefill tokens {_change(med['prefill_tokens'], base['prefill_tokens'])}")
+            if arm not in baselines[: n + 1]:
+                lines.append(f"\n{arm} vs {baseline}{how}: {_comparison(runs, rows[baseline], side_by_side)}")
     if "stock" in rows:
         base = _medians(rows["stock"])
         if "oracle" in rows:
@@ -157,6 +135,23 @@ def table(rows: dict[str, list[dict[str, float]]], simulated: dict[str, float],
     return "\n".join(lines)
 
 
+def _comparison(runs: list[dict[str, float]], base: list[dict[str, float]], paired: bool) -> str:
+    """An arm's figures against a baseline's: ``paired``, run by run (the i-th run of each ran together)."""
+    def change(key: str) -> str:
+        if not paired:
+            return _change(statistics.median(r[key] for r in runs), statistics.median(b[key] for b in base))
+        ratios = [100 * (r[key] / b[key] - 1) for r, b in zip(runs, base) if b[key]]
+        if not ratios:
+            return "n/a"
+        spread = f" [{min(ratios):+.1f}% to {max(ratios):+.1f}%]" if len(ratios) > 1 else ""
+        return f"{statistics.median(ratios):+.1f}%{spread}"
+
+    hit = 100 * (statistics.median(r["hit_rate"] for r in runs) - statistics.median(b["hit_rate"] for b in base))
+    return (f"hit rate {hit:+.1f} pp, mean TTFT {change('ttft_mean_s')}, p99 TTFT {change('ttft_p99_s')} "
+            f"({change('ttft_p99_warm_s')} after the first burst), throughput {change('requests_per_s')} (req/s), "
+            f"prefill tokens {change('prefill_tokens')}")
+
+
 def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in runs) for _, key, _ in COLUMNS}
 
@@ -166,11 +161,10 @@ def _change(new: float, old: float) -> str:
 
 
 def save_sql(url: str, run_id: str, workload: str, setup: dict[str, Any], arm: str, repeat: int,
-             figures: dict[str, float], calls: Sequence[Any] = (), paired_with: str | None = None) -> None:
+             figures: dict[str, float], calls: Sequence[Any] = ()) -> None:
     """One row per arm and repeat (``agentrt_eval_runs``: the figures it is judged by) and one per request
     (``agentrt_eval_requests``: what it asked, what was cached, when its first token came; ``calls`` are
-    ``engine_replay.CallResult``s, numbered in submission order), to find which requests make a tail.
-    ``paired_with``: the arm whose run was stepped beside this one (side by side), else NULL."""
+    ``engine_replay.CallResult``s, numbered in submission order), to find which requests make a tail."""
     from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, create_engine
 
     meta = MetaData()
@@ -182,7 +176,6 @@ def save_sql(url: str, run_id: str, workload: str, setup: dict[str, Any], arm: s
                  Column("arm", String(32), nullable=False),
                  Column("repeat", Integer, nullable=False),
                  Column("setup", Text, nullable=False),
-                 Column("paired_with", String(32)),
                  *(Column(key, Float) for key in figures))
     requests = Table("agentrt_eval_requests", meta,
                      Column("id", Integer, primary_key=True, autoincrement=True),
@@ -205,8 +198,7 @@ def save_sql(url: str, run_id: str, workload: str, setup: dict[str, Any], arm: s
     start = min((c.submitted for c in calls), default=0.0)
     with engine.begin() as conn:
         conn.execute(runs.insert(), [{"run_id": run_id, "created_at": time.time(), "workload": workload, "arm": arm,
-                                      "repeat": repeat, "setup": json.dumps(setup), "paired_with": paired_with,
-                                      **figures}])
+                                      "repeat": repeat, "setup": json.dumps(setup), **figures}])
         if calls:
             conn.execute(requests.insert(), [
                 {"run_id": run_id, "workload": workload, "arm": arm, "repeat": repeat, "call": index,
@@ -441,22 +433,29 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
                                                  announce=args.announce).hit_rate,
                  "oracle": simulate(sim_calls, capacity, Belady.for_calls(sim_calls), in_flight=k).hit_rate}
     simulated["lru-runtime"] = simulated["stock"]
-    # One block more than the capacity: vLLM keeps one as its null block.
+    # Engines: side by side, one per arm (they take turns); one after another, stock's and one the other
+    # arms share. One block more than the capacity: vLLM keeps one as its null block.
     dtype = setup["dtype"]
-    stock_llm = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64, agentrt=False, dtype=dtype)
-    runtime_llm = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64, agentrt=True, dtype=dtype)
-    speed, runtime_speed = (_warm_up(llm, vocab, args.max_prompt_tokens) for llm in (stock_llm, runtime_llm))
-    setup["prefill_tokens_per_s"], setup["runtime_prefill_tokens_per_s"] = round(speed), round(runtime_speed)
+    engines: dict[str, Any] = {}
+
+    def engine_key(arm_name: str) -> str:
+        return arm_name if args.side_by_side or arm_name == "stock" else "runtime"
+
+    for arm_name in args.arms:
+        if engine_key(arm_name) not in engines:
+            engines[engine_key(arm_name)] = _make_llm(model, capacity + 1, args.max_prompt_tokens + 64,
+                                                      agentrt=arm_name != "stock", dtype=dtype)
+    setup["prefill_tokens_per_s"] = {key: round(_warm_up(llm, vocab, args.max_prompt_tokens))
+                                     for key, llm in engines.items()}
+    speeds = ", ".join(f"{key} {speed:,}" for key, speed in setup["prefill_tokens_per_s"].items())
     print(f"model {args.model_size} ({parameters(args.model_size) / 1e6:.0f}M parameters, random weights, {dtype}): "
-          f"prefill {speed:,.0f} tokens/s on one uncached {args.max_prompt_tokens}-token prompt (the policy arms' "
-          f"engine: {runtime_speed:,.0f})", flush=True)
+          f"prefill tokens/s on one uncached {args.max_prompt_tokens}-token prompt, by engine: {speeds}", flush=True)
     rows: dict[str, list[dict[str, float]]] = {arm: [] for arm in args.arms}
-    paired: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {}  # arm -> (its, its stock's) figures
     last: dict[str, Any] = {}
 
     def prepare(arm_name: str) -> tuple[Any, Arm]:
         """The arm's engine, its prefix cache empty and no decision left from the arm before, and the arm."""
-        llm = stock_llm if arm_name == "stock" else runtime_llm
+        llm = engines[engine_key(arm_name)]
         if arm_name != "stock":  # forget the previous arm's decisions; release its pins
             scheduler = llm.llm_engine.engine_core.engine_core.scheduler
             scheduler.book.clear()
@@ -472,19 +471,19 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
             return llm, PolicyArm(cachesage(True), name=arm_name, act_every_s=args.act_every_s)
         return llm, OracleArm(order, 32, args.max_prompt_tokens)
 
-    def run(arm_name: str, repeat: int, progress: bool = True) -> ReplayRun:
+    def run(arm_name: str, label: str | None) -> ReplayRun:
         llm, arm = prepare(arm_name)
         return ReplayRun(llm, order, arm, workload=workload, vocab_size=vocab,
                          max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
                          max_in_flight=args.max_in_flight, time_scale=args.time_scale, announce=args.announce,
-                         progress=_progress(f"{workload} {arm_name} #{repeat + 1}") if progress else None)
+                         progress=_progress(label) if label else None)
 
-    def record(arm_name: str, repeat: int, replayed: ReplayRun, result: Any, seconds: float,
-               paired_with: str | None = None) -> dict[str, float]:
+    def record(arm_name: str, repeat: int, replayed: ReplayRun, seconds: float) -> None:
+        result = replayed.result
         figures = metrics(result, warmup_calls=2 * args.max_in_flight)
         rows[arm_name].append(figures)
         last[arm_name] = result
-        save_sql(args.db, run_id, workload, setup, arm_name, repeat, figures, result.calls, paired_with)
+        save_sql(args.db, run_id, workload, setup, arm_name, repeat, figures, result.calls)
         cost, arm = "", replayed.arm
         if isinstance(arm, PolicyArm):
             cost = (f" (policy in the engine's thread: observe {arm.cost_s['observe']:.1f} s, act "
@@ -493,32 +492,30 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
             prefetches = {k: v for k, v in result.counters.items() if k.startswith("prefetch")}
             if prefetches:
                 cost += " " + ", ".join(f"{k} {v:,}" for k, v in sorted(prefetches.items()))
-        beside = f", beside {paired_with}, {result.wall_s:.0f} s of its own" if paired_with else ""
+        took = f"{result.wall_s:.0f} s of its own in {seconds:.0f} s" if args.side_by_side else f"{seconds:.0f} s"
         print(f"\r{workload} {arm_name} #{repeat + 1}: hit {figures['hit_rate']:.3f}, mean TTFT "
-              f"{figures['ttft_mean_s']:.3f} s, {seconds:.0f} s{beside}{cost}", flush=True)
-        return figures
+              f"{figures['ttft_mean_s']:.3f} s, {took}{cost}", flush=True)
 
     for repeat in range(args.repeats):
         # Every other repeat in reverse order: a drift in the machine's speed across a repeat weighs on
-        # every arm alike over two repeats, not always on the last.
+        # every arm alike over two repeats, not always on the last (side by side: who steps first).
         names = args.arms if repeat % 2 == 0 else args.arms[::-1]
-        if not args.side_by_side:
-            for arm_name in names:
-                began = time.perf_counter()
-                replayed = run(arm_name, repeat)
-                record(arm_name, repeat, replayed, replayed.alone(), time.perf_counter() - began)
-            continue
-        # Side by side: each other arm takes turns, step for step, with a stock run of its own.
-        for arm_name in (name for name in names if name != "stock"):
-            stock, other = run("stock", repeat, progress=False), run(arm_name, repeat)
+        if args.side_by_side:  # all arms at once, their engines taking turns step for step
+            label = f"{workload} {len(names)} arms side by side #{repeat + 1}"  # the first one's progress
+            runs = [run(arm_name, label if n == 0 else None) for n, arm_name in enumerate(names)]
             began = time.perf_counter()
-            side_by_side([stock, other] if repeat % 2 == 0 else [other, stock])  # who steps first alternates too
+            side_by_side(runs)
             seconds = time.perf_counter() - began
-            base = record("stock", repeat, stock, stock.result, seconds, paired_with=arm_name)
-            figures = record(arm_name, repeat, other, other.result, seconds, paired_with="stock")
-            paired.setdefault(arm_name, []).append((figures, base))
-    del stock_llm, runtime_llm
-    text = table(rows, simulated, paired)
+            for arm_name, replayed in zip(names, runs):
+                record(arm_name, repeat, replayed, seconds)
+            continue
+        for arm_name in names:
+            began = time.perf_counter()
+            replayed = run(arm_name, f"{workload} {arm_name} #{repeat + 1}")
+            replayed.alone()
+            record(arm_name, repeat, replayed, time.perf_counter() - began)
+    del engines
+    text = table(rows, simulated, args.side_by_side)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{workload}.md").write_text(f"{workload}: {json.dumps(setup)}\n\n{text}\n")
@@ -572,10 +569,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: --max-in-flight); e.g. 8 with --max-in-flight 1 is the default run's engine "
                              "under a lighter load, where TTFT is a request's own prefill")
     parser.add_argument("--time-scale", type=float, default=0.0, help="tool gaps x this (0: back to back)")
-    parser.add_argument("--side-by-side", action="store_true",
-                        help="each arm other than stock runs beside a stock run of its own, the two engines taking "
-                             "turns step for step, each timed on its own steps: the machine's changes of speed fall "
-                             "on both (the timing comparison to use on a shared host; back to back replays only)")
+    parser.add_argument("--one-after-another", dest="side_by_side", action="store_false",
+                        help="run the arms one after another, each alone on the machine (needed with --time-scale), "
+                             "instead of side by side: by default every arm of a repeat runs at once on an engine of "
+                             "its own, the engines taking turns step for step, each timed on its own steps, so a "
+                             "change in the machine's speed falls on all arms alike")
     parser.add_argument("--no-announce", dest="announce", action="store_false",
                         help="the framework names a session's next agent only when its request comes (a handoff "
                              "then), not when the step before ends: CacheSage has its learned chain alone")
@@ -590,8 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", default="sqlite:///runs/eval/results.db")
     args = parser.parse_args(argv)
     args.cachesage = config_overrides(parser, args.cachesage)
-    if args.side_by_side and (args.time_scale or "stock" not in args.arms or len(args.arms) < 2):
-        parser.error("--side-by-side needs stock and another arm, and back to back replays (--time-scale 0)")
+    if args.side_by_side and args.time_scale:
+        parser.error("--time-scale needs --one-after-another: side by side, a tool gap would run on while the "
+                     "other arms' engines step")
     if args.model_size == "auto":
         args.model_size = "small" if cpu_dtype() == "bfloat16" else "medium"
     if args.all:
