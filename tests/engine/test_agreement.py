@@ -82,8 +82,9 @@ def test_the_bench_keeps_every_request_of_a_real_run_in_sql(fresh, crewai_slice,
 
 def test_two_engines_side_by_side_each_compute_what_they_compute_alone_and_count_only_their_own_steps(
         fresh, stock_engine, crewai_slice):
-    """evaluation.bench --side-by-side: the engines take turns step for step; each run's cache behaves as in a
-    run alone, and its clock holds its own steps only, so the two clocks add up to the time both took."""
+    """evaluation.bench runs its arms side by side: the engines take turns step for step; each run's cache
+    behaves as in a run alone, and its clock holds its own steps only, so the two clocks add up to the time
+    both took."""
     import time
 
     llm, scheduler = fresh
