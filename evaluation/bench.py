@@ -280,29 +280,27 @@ def _working_set(calls: Sequence[Any], in_flight: int) -> float:
     return statistics.fmean(sizes) if sizes else 0.0
 
 
-def _warm_up(llm: Any, vocab: int, max_prompt_tokens: int) -> None:
-    """First calls pay one-off costs (kernel selection, allocation): keep them out of every arm's figures."""
+def _prefill(llm: Any, vocab: int, lengths: Sequence[int], seed: int) -> float:
+    """Prefill random prompts of these lengths (one output token each); the seconds it took."""
     import random
 
     from vllm import SamplingParams
 
-    rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(n)]}
-               for n in (64, 512, max_prompt_tokens // 2, max_prompt_tokens)]
+    rng = random.Random(seed)
+    prompts = [{"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(n)]} for n in lengths]
+    began = time.perf_counter()
     llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    return time.perf_counter() - began
+
+
+def _warm_up(llm: Any, vocab: int, max_prompt_tokens: int) -> None:
+    """First calls pay one-off costs (kernel selection, allocation): keep them out of every arm's figures."""
+    _prefill(llm, vocab, (64, 512, max_prompt_tokens // 2, max_prompt_tokens), seed=0)
 
 
 def _prefill_speed(llm: Any, vocab: int, max_prompt_tokens: int) -> float:
-    """Prompt tokens/s of one uncached longest prompt, on a warm engine."""
-    import random
-
-    from vllm import SamplingParams
-
-    rng = random.Random(1)  # not the warm-up's tokens: nothing of it is cached
-    fresh = [{"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(max_prompt_tokens)]}]
-    began = time.perf_counter()
-    llm.generate(fresh, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    return max_prompt_tokens / (time.perf_counter() - began)
+    """Prompt tokens/s of one uncached longest prompt, on a warm engine (not the warm-up's tokens: seed 1)."""
+    return max_prompt_tokens / _prefill(llm, vocab, (max_prompt_tokens,), seed=1)
 
 
 def parameters(size: str) -> int:
