@@ -346,6 +346,7 @@ class AgentRuntimeScheduler(Scheduler):
         relevel: set[str] = set()
         for decision, received_at in decisions:
             if not self.book.apply(decision, now):
+                self.agentrt_counters["decisions_refused"] += 1  # expired or a duplicate (the book says which)
                 continue
             self.agentrt_counters["decisions_applied"] += 1
             self.decision_latency.add(max(now - decision.time, 0.0))

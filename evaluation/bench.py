@@ -493,7 +493,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
         if isinstance(arm, PolicyArm):
             cost = (f" (policy in the engine's thread: observe {arm.cost_s['observe']:.1f} s, act "
                     f"{arm.cost_s['act']:.1f} s in {arm.acts:,} acts, applying {arm.decisions:,} decisions "
-                    f"{arm.cost_s['apply']:.1f} s)")
+                    f"{arm.cost_s['apply']:.1f} s, {result.counters.get('decisions_refused', 0):,} refused)")
             prefetches = {k: v for k, v in result.counters.items() if k.startswith("prefetch")}
             if prefetches:
                 cost += " " + ", ".join(f"{k} {v:,}" for k, v in sorted(prefetches.items()))

@@ -1069,7 +1069,9 @@ class CacheSage(Policy):
             out.append(ev.EvictionScore(
                 workload=workload, agent=owner, time=now, policy=self.name, expires_at=expires, block_hashes=hashes,
                 score=(bucket + 0.5) / cfg.score_buckets,
-                decision_id=self._decision_id("score", workload, owner, bucket, hashes, round(expires))))
+                # The exact expiry: a group can go back to an earlier bucket within a second (acts come at
+                # every engine step), and that is a new decision, not a duplicate to drop.
+                decision_id=self._decision_id("score", workload, owner, bucket, hashes, expires)))
         w.dirty.clear()
         return out
 

@@ -794,3 +794,29 @@ def test_a_prefetch_that_ran_learns_how_much_of_it_was_still_cached_when_read():
     before = calibration.kept.copy()
     _prompt(sage, "live", "planner", 2, ["p1", "p2", "p3"], now + 2)
     assert (calibration.kept - before * calibration.decay).tolist() == pytest.approx([1.0, 2.0])
+
+
+def test_a_score_that_returns_to_an_earlier_bucket_is_applied_again():
+    """Acts come many times a second on a busy engine: a group's score may go A -> B -> A within one
+    second. The third decision must reach the engine as a new decision, not be dropped as a duplicate of
+    the first (the engine's book would keep B)."""
+    from engine_emitter.decision_book import DecisionBook
+
+    sage, book = CacheSage(), DecisionBook()
+    for step in range(12):  # the coder and the reviewer take turns in many sessions: the chain is learned
+        agent = ("coder", "reviewer")[step % 2]
+        _prompt(sage, f"old-{step // 4}", agent, step % 4, [f"{agent}-sys", f"old-{step}"], float(step))
+    _prompt(sage, "live", "coder", 0, ["coder-sys", "live-0"], 20.0)
+    for k in range(20):  # under pressure: blocks last seconds, so the scores spread over the buckets
+        sage.observe(ev.KvBlocksRemoved(workload="w", agent="", time=float(k),
+                                        block_hashes=tuple(f"gone-{k}-{i}" for i in range(4))))
+    buckets = []
+    for k, to_agent in enumerate(("coder", "reviewer", "coder")):
+        now = 21.0 + 0.2 * k
+        sage.observe(ev.Handoff(workload="w", agent="coder", time=now, session="live", to_agent=to_agent))
+        for decision in sage.act("w", now):
+            book.apply(decision, now)
+        buckets.append(book.score("live-0", ("w", "coder"), now))
+    assert buckets[0] != buckets[1]  # the framework named another agent next: the coder's blocks wait longer
+    assert buckets[2] == buckets[0]
+    assert book.counters["duplicate"] == 0
