@@ -346,7 +346,6 @@ class AgentRuntimeScheduler(Scheduler):
         relevel: set[str] = set()
         for decision, received_at in decisions:
             if not self.book.apply(decision, now):
-                self.agentrt_counters["decisions_refused"] += 1  # expired or a duplicate (the book says which)
                 continue
             self.agentrt_counters["decisions_applied"] += 1
             self.decision_latency.add(max(now - decision.time, 0.0))
@@ -473,11 +472,14 @@ class AgentRuntimeScheduler(Scheduler):
     def pinned_blocks(self) -> int:
         return len(self._pinned)
 
+    def counts(self) -> dict[str, int]:
+        """The integration's own event counts and its decision book's (``book_``: applied, expired, duplicate)."""
+        return {**self.agentrt_counters, **{f"book_{k}": v for k, v in self.book.counters.items()}}
+
     def snapshot(self) -> dict[str, Any]:
         """Every counter of the integration (also exported as Prometheus metrics)."""
         return {
-            **self.agentrt_counters, "pinned_blocks": self.pinned_blocks,
-            **{f"book_{k}": v for k, v in self.book.counters.items()},
+            **self.counts(), "pinned_blocks": self.pinned_blocks,
             **({f"feed_{k}": v for k, v in self.feed.counters.items()} if self.feed else {}),
             **({f"events_{k}": v for k, v in self.producer.counters.snapshot().items()} if self.producer else {}),
             "evicted_by_level": list(self.free_queue.evicted_by_level),

@@ -392,6 +392,11 @@ def setting(workload: str, calls: int, max_sessions: int, fraction: float, max_p
     return chosen, order, sim_calls, footprint, cache_part, batch, max(cache_part + int(batch), longest)
 
 
+def _refused(counters: dict[str, int]) -> int:
+    """Decisions the engine's book refused in a run: expired, duplicates, unsupported kinds."""
+    return sum(v for k, v in counters.items() if k.startswith("book_") and not k.startswith("book_applied"))
+
+
 def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int, run_id: str) -> str:
     from policy_workers.cachesage import CacheSage
 
@@ -493,7 +498,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
         if isinstance(arm, PolicyArm):
             cost = (f" (policy in the engine's thread: observe {arm.cost_s['observe']:.1f} s, act "
                     f"{arm.cost_s['act']:.1f} s in {arm.acts:,} acts, applying {arm.decisions:,} decisions "
-                    f"{arm.cost_s['apply']:.1f} s, {result.counters.get('decisions_refused', 0):,} refused)")
+                    f"{arm.cost_s['apply']:.1f} s, {_refused(result.counters):,} refused)")
             prefetches = {k: v for k, v in result.counters.items() if k.startswith("prefetch")}
             if prefetches:
                 cost += " " + ", ".join(f"{k} {v:,}" for k, v in sorted(prefetches.items()))

@@ -400,7 +400,7 @@ class ReplayRun:
             raise RuntimeError(f"arm {arm.name!r} needs AgentRuntimeScheduler in this process")
         self.arm, self.order, self.progress = arm, order, progress
         emitter = arm.attach(scheduler, workload) if self.runtime else None
-        self.counters_before = dict(scheduler.agentrt_counters) if self.runtime else {}
+        self.counters_before = scheduler.counts() if self.runtime else {}
         self.driver = ReplayDriver(order, workload=workload, vocab_size=vocab_size,
                                    max_prompt_tokens=max_prompt_tokens, max_output_tokens=max_output_tokens,
                                    max_in_flight=max_in_flight, time_scale=time_scale, emitter=emitter,
@@ -472,7 +472,7 @@ class ReplayRun:
         self.driver.warn_truncated()
         counters: dict[str, Any] = {}
         if self.runtime:  # this run's share of the engine's counters
-            counters = {k: v - self.counters_before.get(k, 0) for k, v in self.scheduler.agentrt_counters.items()
+            counters = {k: v - self.counters_before.get(k, 0) for k, v in self.scheduler.counts().items()
                         if v != self.counters_before.get(k, 0)}
         calls, wall_s = self.driver.results, time.perf_counter() - self.began
         if own_time:
