@@ -37,6 +37,7 @@ from typing import Any, Callable
 from vllm.v1.core.kv_cache_utils import BlockHash, get_block_hash, make_block_hash_with_group_id
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.utils.math_utils import cdiv
 
 from streams import events as ev
 from streams.config import StreamsConfig
@@ -411,10 +412,71 @@ class AgentRuntimeScheduler(Scheduler):
                 self.agentrt_counters["prefetches_expired"] += 1
             elif all(self._cached_block(hx) is not None for hx in chain):
                 self.agentrt_counters["prefetch_already_resident"] += 1
+            elif self._blocks_taken(chain, len(chain)) > self._spare_blocks():
+                # It would wait ahead of the next call and evict what the running request frees (the session's
+                # own history), or take a running request's next block and have it preempted: dropped, not held.
+                self.agentrt_counters["prefetches_refused_room"] += 1
             else:
                 super().add_request(request)  # outputs of ids the frontend never issued are ignored by it
                 self.agentrt_counters["prefetches_issued"] += 1
                 self.agentrt_counters["prefetch_prompt_tokens"] += request.num_prompt_tokens
+
+    def _blocks_taken(self, chain: list[str], num_blocks: int) -> int:
+        """Free blocks a prompt of ``num_blocks`` blocks (its output included) whose full blocks' hashes are
+        ``chain`` takes: its missing blocks, and those of its cached head that sit in the free queue (hits,
+        but they leave it when the prompt touches them)."""
+        head = self._cached_head(chain)
+        return num_blocks - len(head) + sum(block.ref_cnt == 0 for block in head)
+
+    def _cached_head(self, chain: list[str]) -> list[Any]:
+        """The chain's cached blocks up to its first missing one: a prompt's hits (vLLM recomputes the rest)."""
+        head = []
+        for hx in chain:
+            block = self._cached_block(hx)
+            if block is None:
+                break
+            head.append(block)
+        return head
+
+    def _waiting_call(self) -> tuple[Any, list[str]] | None:
+        """The request at the head of the queue, unless it is a prefetch, and its chain."""
+        if not self.waiting:
+            return None
+        head = self.waiting.peek_request()
+        return None if is_prefetch(head) else (head, [bytes(h).hex() for h in head.block_hashes])
+
+    def _spare_blocks(self, waiting_call: tuple[Any, list[str]] | None = None) -> int:
+        """Free blocks beyond what the running requests still need to finish and, given, what the waiting
+        call takes to be admitted and finish. vLLM admits a prompt when its prompt fits and preempts a running
+        request that finds no block for its next token: a pin or a prefetch must leave these."""
+        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        owed = sum(max(cdiv(r.num_prompt_tokens + r.max_tokens, self._block_size)
+                       - len(manager.req_to_blocks.get(r.request_id, ())), 0) for r in self.running)
+        spare = self.block_pool.get_num_free_blocks() - owed
+        if waiting_call is not None:
+            head, chain = waiting_call
+            spare -= self._blocks_taken(chain, cdiv(head.num_prompt_tokens + head.max_tokens, self._block_size))
+        return spare
+
+    def _yield_pins_to_waiting_call(self) -> None:
+        """Release pins, soonest-ending first, until the call at the head of the queue fits: a pin is a
+        prediction and the waiting call is certain. Held for a TTL, pins that leave no room for a long prompt
+        would otherwise stall it until they end (the blocks keep their level in the free queue). Pins on the
+        call's cached head stay: they are its hits."""
+        waiting_call = self._waiting_call()
+        if waiting_call is None:
+            return
+        short = -self._spare_blocks(waiting_call)
+        if short <= 0:
+            return
+        hits = {block.block_id for block in self._cached_head(waiting_call[1])}
+        for block_id, _ in sorted(self._pinned.items(), key=lambda item: item[1][1]):
+            if short <= 0:
+                break
+            if block_id in hits:
+                continue
+            short -= self._unpin(block_id)
+            self.agentrt_counters["pins_yielded"] += 1
 
     def cancel_prefetches(self) -> int:
         """Drop the prefetches not yet queued (an evaluation between runs); returns how many."""
@@ -434,6 +496,7 @@ class AgentRuntimeScheduler(Scheduler):
 
     def _pin(self, hashes: set[str], now: float) -> None:
         cap = int(self.pin_cap_fraction * (self.block_pool.num_gpu_blocks - 1))
+        spare = self._spare_blocks(self._waiting_call())
         for hx in hashes:
             block = self._cached_block(hx)
             if block is None or block.block_id in self._pinned:
@@ -446,6 +509,10 @@ class AgentRuntimeScheduler(Scheduler):
             if until is None:
                 continue
             if block.ref_cnt == 0:
+                if spare <= 0:  # it would hold back the waiting call or preempt a running one
+                    self.agentrt_counters["pins_refused_room"] += 1
+                    continue
+                spare -= 1
                 self.free_queue.remove(block)
             block.ref_cnt += 1  # the pin's own reference: not evictable while held
             self._pinned[block.block_id] = (block, until)
@@ -462,11 +529,16 @@ class AgentRuntimeScheduler(Scheduler):
             if until > now and still is not None:
                 self._next_unpin = min(self._next_unpin, until)
                 continue
-            del self._pinned[block_id]
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                self.free_queue.append(block)
+            self._unpin(block_id)
             self.agentrt_counters["pins_released"] += 1
+
+    def _unpin(self, block_id: int) -> bool:
+        """Drop a pin's reference; whether that freed the block (no request holds it)."""
+        block, _ = self._pinned.pop(block_id)
+        block.ref_cnt -= 1
+        if block.ref_cnt == 0:
+            self.free_queue.append(block)
+        return block.ref_cnt == 0
 
     @property
     def pinned_blocks(self) -> int:
@@ -507,6 +579,8 @@ class AgentRuntimeScheduler(Scheduler):
             self.apply_decisions(decisions)
         elif now >= self._next_unpin:  # (an unpin or a cleared book comes through apply_decisions, which releases)
             self._release_pins(now)
+        if self._pinned and self.waiting:
+            self._yield_pins_to_waiting_call()
         if self._held_prefetches:
             running, waiting = self.get_request_counts()
             if not waiting and running <= self.prefetch_max_running:
@@ -537,6 +611,12 @@ class AgentRuntimeScheduler(Scheduler):
                                                cached_tokens=cached, queue_time_s=max(now - request.arrival_time, 0.0)))
         self._flush_removed(now)
         return output
+
+    def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> None:
+        # A preempted request recomputes its prompt: a prefetch that causes preemptions costs far more than its
+        # own prefill, so both kinds are counted.
+        self.agentrt_counters["prefetches_preempted" if is_prefetch(request) else "requests_preempted"] += 1
+        super()._preempt_request(request, *args, **kwargs)
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         requests = [self.requests.get(rid) for rid in scheduler_output.num_scheduled_tokens]

@@ -392,6 +392,9 @@ def setting(workload: str, calls: int, max_sessions: int, fraction: float, max_p
     return chosen, order, sim_calls, footprint, cache_part, batch, max(cache_part + int(batch), longest)
 
 
+_SHOWN_COUNTERS = ("prefetch", "pins_", "requests_preempted")  # the engine's own requests and what they cost
+
+
 def _refused(counters: dict[str, int]) -> int:
     """Decisions the engine's book refused in a run: expired, duplicates, unsupported kinds."""
     return sum(v for k, v in counters.items() if k.startswith("book_") and not k.startswith("book_applied"))
@@ -499,9 +502,9 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
             cost = (f" (policy in the engine's thread: observe {arm.cost_s['observe']:.1f} s, act "
                     f"{arm.cost_s['act']:.1f} s in {arm.acts:,} acts, applying {arm.decisions:,} decisions "
                     f"{arm.cost_s['apply']:.1f} s, {_refused(result.counters):,} refused)")
-            prefetches = {k: v for k, v in result.counters.items() if k.startswith("prefetch")}
-            if prefetches:
-                cost += " " + ", ".join(f"{k} {v:,}" for k, v in sorted(prefetches.items()))
+            shown = {k: v for k, v in result.counters.items() if k.startswith(_SHOWN_COUNTERS) and v}
+            if shown:
+                cost += " " + ", ".join(f"{k} {v:,}" for k, v in sorted(shown.items()))
         took = f"{result.wall_s:.0f} s of its own in {seconds:.0f} s" if args.side_by_side else f"{seconds:.0f} s"
         print(f"\r{workload} {arm_name} #{repeat + 1}: hit {figures['hit_rate']:.3f}, mean TTFT "
               f"{figures['ttft_mean_s']:.3f} s, {took}{cost}", flush=True)

@@ -166,6 +166,47 @@ def test_the_pin_cap_holds_and_allocation_never_starves(fresh, engine_config):
     scheduler.free_queue.check()
 
 
+def test_a_pin_never_takes_the_room_a_waiting_call_needs(fresh, engine_config):
+    """Pins arriving with a long call queued are refused beyond what the call leaves: none is applied
+    only to be yielded, and nothing is preempted for want of a block."""
+    llm, scheduler = fresh
+    agents = ["planner", "worker-1", "worker-2"]  # 24 cached blocks, all free
+    for agent in agents:
+        _call(llm, agent, 0)
+    counts = dict(scheduler.agentrt_counters)
+    before = scheduler.feed.counters["received"]
+    _publish(engine_config, *[_decision(ev.Pin, a, f"room-{a}-{time.time()}", ttl_s=30.0) for a in agents])
+    _delivered(scheduler, before + len(agents))
+    _other_prompts(llm, blocks=25, count=1)  # queued when the pins apply: 26 of the 39 blocks with its output
+    delta = {k: scheduler.agentrt_counters[k] - counts.get(k, 0)
+             for k in ("pins_applied", "pins_refused_room", "pins_yielded", "requests_preempted")}
+    assert delta == {"pins_applied": 13, "pins_refused_room": 11, "pins_yielded": 0, "requests_preempted": 0}
+    assert scheduler.pinned_blocks == 13
+    scheduler.free_queue.check()
+
+
+def test_pins_yield_to_a_call_they_leave_no_room_for(fresh, engine_config):
+    """A prompt longer than the unpinned pool is served now, not when the pins end: the soonest-ending
+    pins are released until it fits, the others are kept."""
+    llm, scheduler = fresh
+    agents = ["planner", "worker-1", "worker-2"]
+    for agent in agents:
+        _call(llm, agent, 0)
+    before = scheduler.feed.counters["received"]
+    _publish(engine_config, *[_decision(ev.Pin, a, f"yield-{a}-{time.time()}", ttl_s=30.0) for a in agents])
+    _delivered(scheduler, before + len(agents))
+    _call(llm, "worker-3", 0)  # a step applies the pins
+    cap = int(scheduler.pin_cap_fraction * (NUM_BLOCKS - 1))
+    assert scheduler.pinned_blocks == cap  # 19 pinned, 20 blocks left for a request
+    yielded = scheduler.agentrt_counters["pins_yielded"]
+    began = time.monotonic()
+    _other_prompts(llm, blocks=25, count=1)  # 26 blocks with its first output token
+    assert time.monotonic() - began < 15  # the pins hold for 30 s
+    assert 6 <= scheduler.agentrt_counters["pins_yielded"] - yielded < cap
+    assert 0 < scheduler.pinned_blocks <= cap - 6
+    scheduler.free_queue.check()
+
+
 def test_engine_events_arrive_keyed_and_attributed_by_agent(fresh, engine_config):
     llm, _ = fresh
     topics = Topics.for_prefix(engine_config.topic_prefix)
@@ -311,6 +352,24 @@ def test_a_held_prefetch_gives_way_to_its_sessions_call(fresh):
     finally:
         scheduler.prefetch_max_running = 1
     assert not scheduler.has_unfinished_requests()
+
+
+def test_a_prefetch_the_pool_cannot_hold_beside_the_running_call_is_dropped(fresh):
+    """Queued, it would wait ahead of the next call and then evict what the running call frees."""
+    llm, scheduler = fresh
+    _call(llm, "planner", 0, session="s3")
+    for worker in WORKERS:
+        _call(llm, worker, 0)  # the planner's prefix (8 blocks) is evicted
+    issued = scheduler.agentrt_counters["prefetches_issued"]
+    refused = scheduler.agentrt_counters["prefetches_refused_room"]
+    preempted = scheduler.agentrt_counters["requests_preempted"]
+    scheduler.apply_decisions([(_decision(ev.Prefetch, "planner", f"pf5-{time.time()}", session="s3",
+                                          probability=0.9), time.time())])
+    _other_prompts(llm, blocks=31, count=1)  # 32 of the 39 blocks with its output: 7 left for the prefix
+    assert scheduler.agentrt_counters["prefetches_refused_room"] == refused + 1
+    assert scheduler.agentrt_counters["prefetches_issued"] == issued
+    assert scheduler.agentrt_counters["requests_preempted"] == preempted
+    assert not scheduler.has_unfinished_requests()  # dropped, not held
 
 
 def test_with_the_broker_gone_the_engine_keeps_serving_identical_tokens(engine, engine_broker):
