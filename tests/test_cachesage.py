@@ -333,6 +333,35 @@ def test_act_emits_valid_idempotent_decisions_pins_and_prefetches():
     assert prefetch[0].decision_id == sage._decision_id("prefetch", "w", "planner", "live", 3)
 
 
+def test_a_pin_lasts_until_its_call_starts_or_its_session_ends():
+    """Unpinned once the call it was for starts (its prompt holds the blocks) or its session ends, less the
+    blocks another session's pin still holds."""
+    sage = CacheSage(horizon_s=30.0, pin_threshold=0.5, prefetch_threshold=2.0)
+    for k in range(20):
+        _run_session(sage, f"old-{k}", ["planner", "worker"] * 3, start=k * 100.0)
+    pins: dict[str, ev.Pin] = {}
+    ends = {}
+    for name, start in (("a", 4000.0), ("b", 4100.0)):
+        ends[name] = _run_session(sage, name, ["planner", "worker"], start=start,
+                                  blocks={"planner": ["sys", f"{name}-1"], "worker": [f"{name}-w"]})
+        sage.observe(ev.ToolCallStart(workload="w", agent="worker", time=ends[name], session=name, tool_name="py"))
+        pins |= {d.session: d for d in sage.act("w", ends[name]) if isinstance(d, ev.Pin)}
+    assert {s: set(d.block_hashes) for s, d in pins.items()} == {"a": {"sys", "a-1"}, "b": {"sys", "b-1"}}
+    t = ends["b"] + 1
+    sage.observe(ev.AgentStepStart(workload="w", agent="planner", time=t, session="a", step=2,
+                                   prefix_fingerprint="f", prefix_tokens=64))
+    unpins = [d for d in sage.act("w", t) if isinstance(d, ev.Unpin)]
+    for decision in unpins:
+        ev.validate(decision)
+    # b's pin still holds the shared system prompt
+    assert [(d.session, d.agent, d.block_hashes) for d in unpins] == [("a", "planner", ("a-1",))]
+    assert not [d for d in sage.act("w", t + 1) if isinstance(d, ev.Unpin)]  # said once
+    sage.observe(ev.SessionEnd(workload="w", agent="worker", time=t + 2, session="b"))
+    unpins = [d for d in sage.act("w", t + 2) if isinstance(d, ev.Unpin)]
+    assert [(d.session, set(d.block_hashes)) for d in unpins] == [("b", {"sys", "b-1"})]
+    assert len({d.decision_id for d in unpins} | {d.decision_id for d in pins.values()}) == 3
+
+
 def test_no_pin_or_prefetch_for_a_session_its_agent_is_done_with():
     """A file analyst reads its document twice per session, then the session ends: after its first call
     its prefix is pinned for the second; after the second nothing is held for a call that never comes."""
