@@ -470,13 +470,19 @@ class AgentRuntimeScheduler(Scheduler):
         if short <= 0:
             return
         hits = {block.block_id for block in self._cached_head(waiting_call[1])}
-        for block_id, _ in sorted(self._pinned.items(), key=lambda item: item[1][1]):
+        for block_id, _ in sorted(self._pinned.items(), key=self._yield_order):
             if short <= 0:
                 break
             if block_id in hits:
                 continue
             short -= self._unpin(block_id)
             self.agentrt_counters["pins_yielded"] += 1
+
+    def _yield_order(self, item: tuple[int, tuple[Any, float]]) -> tuple[float, int]:
+        """Soonest-ending pin first; within a pin, its prefix's tail first (what is kept stays a prefix)."""
+        block, until = item[1]
+        depth = self._depths.get(get_block_hash(block.block_hash).hex(), 0) if block.block_hash is not None else 0
+        return until, -depth
 
     def cancel_prefetches(self) -> int:
         """Drop the prefetches not yet queued (an evaluation between runs); returns how many."""
@@ -497,7 +503,9 @@ class AgentRuntimeScheduler(Scheduler):
     def _pin(self, hashes: set[str], now: float) -> None:
         cap = int(self.pin_cap_fraction * (self.block_pool.num_gpu_blocks - 1))
         spare = self._spare_blocks(self._waiting_call())
-        for hx in hashes:
+        # Head first: where the cap or the room cuts a prefix short, what is pinned is a prefix (a hit);
+        # a tail without its head is never hit and only holds capacity.
+        for hx in sorted(hashes, key=lambda h: self._depths.get(h, 0)):
             block = self._cached_block(hx)
             if block is None or block.block_id in self._pinned:
                 continue

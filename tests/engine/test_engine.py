@@ -150,6 +150,8 @@ def _other_prompts(llm, blocks: int, count: int) -> None:
 
 
 def test_the_pin_cap_holds_and_allocation_never_starves(fresh, engine_config):
+    from vllm.v1.core.kv_cache_utils import get_block_hash
+
     llm, scheduler = fresh
     agents = ["planner", "worker-1", "worker-2"]  # 3 x 8 blocks = 24 > the cap of 19
     for agent in agents:
@@ -161,6 +163,12 @@ def test_the_pin_cap_holds_and_allocation_never_starves(fresh, engine_config):
     cap = int(scheduler.pin_cap_fraction * (NUM_BLOCKS - 1))
     assert scheduler.pinned_blocks == cap
     assert scheduler.agentrt_counters["pins_refused_cap"] > 0
+    depths: dict[str, list[int]] = {}  # what the cap cut short is pinned from its head: a prefix, a hit
+    for block, _ in scheduler._pinned.values():
+        hx = get_block_hash(block.block_hash).hex()
+        depths.setdefault(scheduler._owners[hx].agent, []).append(scheduler._depths[hx])
+    assert sorted(map(len, depths.values())) == [cap - 16, 8, 8]
+    assert all(sorted(d) == list(range(len(d))) for d in depths.values()), depths
     for worker in WORKERS:  # requests needing 9 blocks each keep being served
         assert len(_call(llm, worker, 1)[1]) == 4
     scheduler.free_queue.check()
