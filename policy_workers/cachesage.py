@@ -1064,8 +1064,7 @@ class CacheSage(Policy):
     def _unpins(self, w: _Workload, workload: str, now: float) -> list[ev.Decision]:
         """Unpin the blocks of pins released since the last act, less those another session's pin holds.
         Held for their whole TTL, a pin outlived its call: its blocks stayed out of the free queue after
-        the call came (or, another agent named, never would), which on an engine sized for one request
-        cost the pins-and-prefetch arm 4.5 pp of hit rate on tau_airline (session 21)."""
+        the call came (or, another agent named, never would; docs/policy_workers.md)."""
         if not w.unpins:
             return []
         held = {h for s in w.sessions.values() if s.pinned is not None for h in s.pinned[2]}

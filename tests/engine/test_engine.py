@@ -283,6 +283,14 @@ def test_version_guard_the_vllm_internals_we_rely_on():
     for name in ("schedule", "update_from_output", "add_request", "shutdown"):
         assert hasattr(Scheduler, name), name
     assert "prefill_stats" in inspect.getsource(Request.__init__)
+    # The room a pin or a prefetch must leave (_spare_blocks), and the preemption count.
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+
+    assert "self.req_to_blocks" in inspect.getsource(SingleTypeKVCacheManager.__init__)
+    assert "self.max_tokens" in inspect.getsource(Request.__init__)
+    assert hasattr(FCFSRequestQueue, "peek_request") and hasattr(Scheduler, "_preempt_request")
+    assert "self._preempt_request(" in inspect.getsource(Scheduler.schedule)
     # Duplicate copies of a block's content (AgentRuntimeScheduler._copies) and the prefix-cache reset hook.
     from vllm.v1.core.block_pool import BlockHashToBlockMap
 
