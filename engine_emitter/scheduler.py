@@ -408,11 +408,12 @@ class AgentRuntimeScheduler(Scheduler):
         """Queue the held prefetches (nothing waits): those still needed, oldest decision first."""
         while self._held_prefetches:
             _, (request, chain, expires_at) = self._held_prefetches.popitem(last=False)
+            hits = self._cached_head(chain)
             if expires_at <= now:
                 self.agentrt_counters["prefetches_expired"] += 1
-            elif all(self._cached_block(hx) is not None for hx in chain):
+            elif len(hits) == len(chain):
                 self.agentrt_counters["prefetch_already_resident"] += 1
-            elif self._blocks_taken(chain, len(chain)) > self._spare_blocks():
+            elif self._blocks_taken(hits, len(chain)) > self._spare_blocks():
                 # It would wait ahead of the next call and evict what the running request frees (the session's
                 # own history), or take a running request's next block and have it preempted: dropped, not held.
                 self.agentrt_counters["prefetches_refused_room"] += 1
@@ -421,12 +422,11 @@ class AgentRuntimeScheduler(Scheduler):
                 self.agentrt_counters["prefetches_issued"] += 1
                 self.agentrt_counters["prefetch_prompt_tokens"] += request.num_prompt_tokens
 
-    def _blocks_taken(self, chain: list[str], num_blocks: int) -> int:
-        """Free blocks a prompt of ``num_blocks`` blocks (its output included) whose full blocks' hashes are
-        ``chain`` takes: its missing blocks, and those of its cached head that sit in the free queue (hits,
-        but they leave it when the prompt touches them)."""
-        head = self._cached_head(chain)
-        return num_blocks - len(head) + sum(block.ref_cnt == 0 for block in head)
+    @staticmethod
+    def _blocks_taken(hits: list[Any], num_blocks: int) -> int:
+        """Free blocks a prompt of ``num_blocks`` blocks (its output included) whose cached head is ``hits``
+        takes: its missing blocks, and its hits that sit in the free queue (they leave it when touched)."""
+        return num_blocks - len(hits) + sum(block.ref_cnt == 0 for block in hits)
 
     def _cached_head(self, chain: list[str]) -> list[Any]:
         """The chain's cached blocks up to its first missing one: a prompt's hits (vLLM recomputes the rest)."""
@@ -438,42 +438,51 @@ class AgentRuntimeScheduler(Scheduler):
             head.append(block)
         return head
 
-    def _waiting_call(self) -> tuple[Any, list[str]] | None:
-        """The request at the head of the queue, unless it is a prefetch, and its chain."""
+    def _waiting_call(self) -> tuple[Any, list[Any]] | None:
+        """The request at the head of the queue, unless it is a prefetch, and its cached head (its hits)."""
         if not self.waiting:
             return None
         head = self.waiting.peek_request()
-        return None if is_prefetch(head) else (head, [bytes(h).hex() for h in head.block_hashes])
+        if is_prefetch(head):
+            return None
+        return head, self._hits(head)
 
-    def _spare_blocks(self, waiting_call: tuple[Any, list[str]] | None = None) -> int:
+    def _hits(self, request: Any) -> list[Any]:
+        return self._cached_head([bytes(h).hex() for h in request.block_hashes])
+
+    def _spare_blocks(self, waiting_call: tuple[Any, list[Any]] | None = None) -> int:
         """Free blocks beyond what the running requests still need to finish and, given, what the waiting
         call takes to be admitted and finish. vLLM admits a prompt when its prompt fits and preempts a running
         request that finds no block for its next token: a pin or a prefetch must leave these."""
         manager = self.kv_cache_manager.coordinator.single_type_managers[0]
-        owed = sum(max(cdiv(r.num_prompt_tokens + r.max_tokens, self._block_size)
-                       - len(manager.req_to_blocks.get(r.request_id, ())), 0) for r in self.running)
+        owed = sum(max(self._blocks_to_finish(r) - len(manager.req_to_blocks.get(r.request_id, ())), 0)
+                   for r in self.running)
         spare = self.block_pool.get_num_free_blocks() - owed
         if waiting_call is not None:
-            head, chain = waiting_call
-            spare -= self._blocks_taken(chain, cdiv(head.num_prompt_tokens + head.max_tokens, self._block_size))
+            head, hits = waiting_call
+            spare -= self._blocks_taken(hits, self._blocks_to_finish(head))
         return spare
+
+    def _blocks_to_finish(self, request: Any) -> int:
+        return cdiv(request.num_prompt_tokens + request.max_tokens, self._block_size)
 
     def _yield_pins_to_waiting_call(self) -> None:
         """Release pins, soonest-ending first, until the call at the head of the queue fits: a pin is a
         prediction and the waiting call is certain. Held for a TTL, pins that leave no room for a long prompt
         would otherwise stall it until they end (the blocks keep their level in the free queue). Pins on the
         call's cached head stay: they are its hits."""
-        waiting_call = self._waiting_call()
-        if waiting_call is None:
-            return
-        short = -self._spare_blocks(waiting_call)
+        head = self.waiting.peek_request()
+        if is_prefetch(head) or self._spare_blocks() >= self._blocks_to_finish(head):
+            return  # it fits without a hit (the common case: no chain lookup on every step)
+        hits = self._hits(head)
+        short = -self._spare_blocks((head, hits))
         if short <= 0:
             return
-        hits = {block.block_id for block in self._cached_head(waiting_call[1])}
+        kept = {block.block_id for block in hits}
         for block_id, _ in sorted(self._pinned.items(), key=self._yield_order):
             if short <= 0:
                 break
-            if block_id in hits:
+            if block_id in kept:
                 continue
             short -= self._unpin(block_id)
             self.agentrt_counters["pins_yielded"] += 1
