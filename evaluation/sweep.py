@@ -151,7 +151,8 @@ def prefetch_setting(workloads: list[str], capacities: dict[str, str], calls: in
             runs.append(run_cachesage(sim_calls, capacity, workload, policy=sage, prefetch=prefetch, announce=announce))
         scores, fetched = runs
         print(f"| {workload} | {capacity:,} | {lru.hit_rate:.3f} | {scores.hit_rate:.3f} | {fetched.hit_rate:.3f} | "
-              f"{belady.hit_rate:.3f} | {ceiling.hit_rate:.3f} | {scores.computed_tokens / lru.computed_tokens - 1:+.1%} | "
+              f"{belady.hit_rate:.3f} | {ceiling.hit_rate:.3f} | "
+              f"{scores.computed_tokens / lru.computed_tokens - 1:+.1%} | "
               f"{fetched.computed_tokens / lru.computed_tokens - 1:+.1%} | "
               f"{fetched.prefetches} ({fetched.prefetch_tokens:,}) |", flush=True)
     return 0
