@@ -472,10 +472,13 @@ class AgentRuntimeScheduler(Scheduler):
         would otherwise stall it until they end (the blocks keep their level in the free queue). Pins on the
         call's cached head stay: they are its hits."""
         head = self.waiting.peek_request()
-        if is_prefetch(head) or self._spare_blocks() >= self._blocks_to_finish(head):
+        if is_prefetch(head):
+            return
+        spare, need = self._spare_blocks(), self._blocks_to_finish(head)
+        if spare >= need:
             return  # it fits without a hit (the common case: no chain lookup on every step)
         hits = self._hits(head)
-        short = -self._spare_blocks((head, hits))
+        short = self._blocks_taken(hits, need) - spare  # as -_spare_blocks((head, hits)), summing what runs once
         if short <= 0:
             return
         kept = {block.block_id for block in hits}
