@@ -52,7 +52,7 @@ from .metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 
-SCORE_LEVELS = 20
+SCORE_LEVELS = ev.SCORE_LEVELS
 NEUTRAL_SCORE = 0.5  # blocks no decision speaks of sit between low- and high-value ones
 NEUTRAL_LEVEL = 1 + min(int(NEUTRAL_SCORE * SCORE_LEVELS), SCORE_LEVELS - 1)
 

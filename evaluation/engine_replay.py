@@ -227,7 +227,7 @@ class OracleArm(Arm):
         self._dirty = False
         by_bucket: dict[int, list[str]] = {}
         for engine_hash, published in self._resident.items():
-            bucket = min(int(self._score(engine_hash) * 64), 63)
+            bucket = min(int(self._score(engine_hash) * ev.SCORE_LEVELS), ev.SCORE_LEVELS - 1)
             if bucket != published:
                 by_bucket.setdefault(bucket, []).append(engine_hash)
         decisions = []
@@ -236,7 +236,7 @@ class OracleArm(Arm):
                 self._resident[engine_hash] = bucket
             decisions.append(ev.EvictionScore(
                 workload=self.workload, agent="oracle", time=now, policy="oracle", expires_at=now + 3600,
-                block_hashes=tuple(hashes), score=(bucket + 0.5) / 64, decision_id=uuid.uuid4().hex))
+                block_hashes=tuple(hashes), score=(bucket + 0.5) / ev.SCORE_LEVELS, decision_id=uuid.uuid4().hex))
         if decisions:
             self.scheduler.apply_decisions([(d, now) for d in decisions])
 

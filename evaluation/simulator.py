@@ -34,7 +34,7 @@ from framework_emitter.prefix_blocks import block_hashes
 from framework_emitter.traces import TraceCall, next_in_session
 from streams import events as ev
 
-SCORE_LEVELS = 20
+SCORE_LEVELS = ev.SCORE_LEVELS
 NEUTRAL_SCORE = 0.5
 
 

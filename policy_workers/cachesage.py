@@ -61,7 +61,7 @@ class CacheSageConfig:
     # again before the call comes, and the engine runs prefetches only where no request waits (idle capacity).
     prefetch_lead: int = 2
     keep_threshold: float = 0.5  # P(the next prompt keeps a block) for pins and prefetches to cover it
-    score_buckets: int = 20
+    score_buckets: int = ev.SCORE_LEVELS  # the engine's bins: a finer score changes nothing there
     max_blocks: int = 200_000  # block metadata tracked per workload (oldest forgotten first)
     max_users_per_block: int = 8
     decay: float = 0.97
@@ -905,7 +905,7 @@ class CacheSage(Policy):
         hazard by age. A block seen in several sessions adds the rate new
         sessions came to it, weighed by the posterior that they still come
         given the silence since the latest. The score is the delay 1 / density
-        on a log scale, 1/32 to 32 turnovers over the 20 buckets: the scale only
+        on a log scale, 1/32 to 32 turnovers over the buckets: the scale only
         sets the range, the order is the density's.
         """
         cfg = self.config

@@ -310,10 +310,21 @@ class Decision(Event):
     block_hashes: tuple[str, ...] = ()
 
 
+# The bins an engine orders free cached blocks by (``EvictionScore``). Finer bins rank by score more exactly
+# and leave less to LRU within a bin; they cost more decisions (a score is re-sent when its bin changes).
+# 64 against 20: the simulator's mean share of the LRU->Belady gap rose on four workloads of five
+# (BENCHMARKS.md, "Session 23").
+SCORE_LEVELS = 64
+
+
 @register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EvictionScore(Decision):
-    """Among free cached blocks, lower scores are evicted first (LRU breaks ties)."""
+    """Among free cached blocks, lower scores are evicted first (LRU breaks ties).
+
+    An engine orders blocks by ``SCORE_LEVELS`` equal bins of the score, so a
+    policy gains nothing from a finer score and should re-send a block's
+    score only when its bin changes."""
 
     type_name: ClassVar[str] = "eviction_score"
     score: float
