@@ -26,7 +26,8 @@ CLASS_NAMES = ("head", "reused", "newest message", "newest message, long reply")
 
 def describe(sage, workload: str, h: str) -> tuple[str, ...]:  # noqa: ANN001
     """What CacheSage knows of a block, coarsely: sessions, ended, class, latest user's agent."""
-    from policy_workers.cachesage import FORGOTTEN, POSITION_BINS
+    from policy_workers.cachesage import FORGOTTEN
+    from policy_workers.reuse import POSITION_BINS
 
     w = sage.workload(workload)
     block = w.blocks.get(h)

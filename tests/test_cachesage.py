@@ -568,7 +568,7 @@ def test_a_prefetch_brings_blocks_back_without_counting_as_a_prompt_of_the_agent
 def test_reuse_hazard_learns_prompt_families_that_come_back_a_call_later():
     """An agent alternating two prompt families (one per peer) reuses the other family's blocks at age 1,
     never the latest prompt's tail at age 0; the system prompt at any age."""
-    from policy_workers.cachesage import POSITION_BINS, position_bin
+    from policy_workers.reuse import POSITION_BINS, position_bin
 
     sage = CacheSage()
     t = 0.0
@@ -592,7 +592,7 @@ def test_a_prompts_newest_message_is_learned_apart_from_the_blocks_before_it():
     """Each prompt: system prompt, a document, then a new question (the newest message, from the step's
     prefix_tokens). The next prompt keeps the document and drops the question, although both share a
     chain position bin (blocks 8-15)."""
-    from policy_workers.cachesage import position_bin, tail_class
+    from policy_workers.reuse import position_bin, tail_class
 
     sage = CacheSage()
     t = 0.0
@@ -622,7 +622,7 @@ def test_a_reply_longer_than_the_agents_usual_closes_the_conversation_the_next_p
     """Three tool-calling turns (short replies) extend one conversation; the fourth, the answer (a long reply),
     closes it and the agent's next prompt starts afresh. Which newest messages come back is learned per reply
     class; the blocks before them (system prompt, history) do not depend on it."""
-    from policy_workers.cachesage import position_bin, reply_class, tail_class
+    from policy_workers.reuse import position_bin, reply_class, tail_class
 
     sage = CacheSage()
     t = 0.0
@@ -725,27 +725,10 @@ def test_an_agent_that_has_had_its_turn_is_worth_less_than_one_that_speaks_again
     assert scores["live-verifier-1"] - scores["live-proposer-1"] > 0.3
 
 
-def test_a_small_reuse_rate_is_learned_not_rounded_away():
-    """One block in 50, then one in 200, reused: near these rates an EWMA step is under 1/126, which a
-    linear six-bit cell rounded away (it stopped at 1/63); the logit-scale cell follows them."""
-    from policy_workers.cachesage import _Reuse
-
-    reuse = _Reuse(strength=0.0)  # the cell's own value, not shrunk toward other agents
-    chain = [f"b{k}" for k in range(50)]
-    reuse.observe(0, [chain], [], lambda h, p: 5)
-    for _ in range(40):
-        reuse.observe(0, [chain], chain[:1], lambda h, p: 5)
-    assert 0.015 < reuse.hazard(0, 0, 5) < 0.025
-    longer = [f"c{k}" for k in range(200)]
-    for _ in range(40):  # and down to one in 200
-        reuse.observe(0, [longer], longer[:1], lambda h, p: 5)
-    assert 0.004 < reuse.hazard(0, 0, 5) < 0.007
-
-
 def test_a_reuse_class_seen_once_is_not_priced_at_zero_and_learning_survives_a_restart():
-    from policy_workers.cachesage import _Reuse
+    from policy_workers.reuse import ReuseHazard
 
-    reuse = _Reuse()
+    reuse = ReuseHazard()
     reuse.observe(0, [["a", "b"]], ["c"], lambda h, p: 5)  # one prompt: nothing of the previous one reused
     assert 0.0 < reuse.hazard(0, 0, 5) < 0.5
     for _ in range(20):
