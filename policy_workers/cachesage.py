@@ -745,23 +745,24 @@ class CacheSage(Policy):
         steps = cfg.max_lookahead_calls
         self._expire_sessions(w, now)
         visits = w.model.visits[: len(w.model)]
-        share = visits / visits.sum() if len(visits) and visits.sum() > 0 else visits
+        share = (visits / visits.sum() if len(visits) and visits.sum() > 0 else visits).tolist()
         later_calls = np.arange(steps, dtype=float)
         later_prompts = np.arange(AGES, dtype=float)
-        columns: dict[tuple, np.ndarray] = {}
+        columns: dict[tuple, tuple[np.ndarray, float]] = {}
         timing: dict[str, tuple[float, float]] = {}
         factors: dict[tuple, float] = {}
         spread: dict[tuple[int, int], float] = {}
         by_key: dict[tuple, float] = {}
 
-        def first_calls(session: _Session, target: str) -> np.ndarray | None:
-            """P(``target``'s next call in the session is the t-th from now), t = 1..steps (the learned chain)."""
+        def first_calls(session: _Session, target: str) -> tuple[np.ndarray, float] | None:
+            """P(``target``'s next call in the session is the t-th from now), t = 1..steps (the learned chain),
+            and its sum (P(it calls within the steps))."""
             agent = session.handoff_to or session.agent
             if agent is None:
                 return None
             key = (bool(session.handoff_to), agent, target)
-            found = columns.get(key)
-            if found is None:
+            column = columns.get(key)
+            if column is None:
                 cached = w.pmf_cache.get(key)
                 if cached is not None and cached[0] == w.model.version:
                     found = cached[1]
@@ -777,8 +778,8 @@ class CacheSage(Policy):
                     if len(w.pmf_cache) > 4096:
                         w.pmf_cache.clear()
                     w.pmf_cache[key] = (w.model.version, found)
-                columns[key] = found
-            return found
+                column = columns[key] = (found, float(found.sum()))
+            return column
 
         def session_timing(name: str, session: _Session) -> tuple[float, float]:
             found = timing.get(name)
@@ -796,16 +797,16 @@ class CacheSage(Policy):
             for user in users:
                 agent, name = user
                 session = w.sessions.get(name)
-                weights = first_calls(session, agent) if session is not None and not session.ended else None
-                if weights is None:
+                column = first_calls(session, agent) if session is not None and not session.ended else None
+                if column is None:
                     found[user] = None
                     continue
+                weights, chain = column
                 residual, interval = session_timing(name, session)
                 i = w.model.index.get(agent)
-                spacing = 1.0 / max(float(share[i]), 1e-3) if i is not None and i < len(share) else 1.0
+                spacing = 1.0 / max(share[i], 1e-3) if i is not None and i < len(share) else 1.0
                 # P(a's next call is the t-th from now): when from the chain; whether at all from the chain and
                 # from how many calls a has made in the session (agents have their turns and are done)
-                chain = float(weights.sum())
                 if chain > 1e-9:
                     p = self._p_calls_again(w, name, session, agent, min(chain, 1.0))
                     if p is not None:
@@ -824,26 +825,37 @@ class CacheSage(Policy):
 
         inverse = inverse_times({user for key in keys for users in key[:AGES] for user in users})
 
+        first_reuse, index = w.reuse.first_reuse, w.model.index
+
         def user_density(user: tuple[str, str], age: int, pbin: int) -> float:
             times = inverse[user]
             if times is None:
                 return 0.0
             replies = w.replies.get(user)
             pbin = reply_class(pbin, bool(replies) and age < len(replies) and replies[age])
-            return sum(p * t for p, t in zip(w.reuse.first_reuse(age, w.model.index.get(user[0]), pbin), times))
+            density = 0
+            for p, t in zip(first_reuse(age, index.get(user[0]), pbin), times):
+                density += p * t
+            return density
 
         def key_score(key: tuple, born: float, renewed: float) -> float:
-            found = by_key.get((key, born, renewed))
-            if found is not None:
-                return found
-            *ages, sessions, pbin = key
+            memo = (key, born, renewed)
+            found = by_key.get(memo)
+            if found is None:
+                found = by_key[memo] = score_of(key, born, renewed)
+            return found
+
+        def score_of(key: tuple, born: float, renewed: float) -> float:
+            pbin = key[-1]
             density = 0.0  # expected hits per unit of time the block is kept
-            for age, users in enumerate(ages[:AGES]):  # those who forgot it (``FORGOTTEN``) add nothing
-                for user in users:
-                    f = factors.get((user, age, pbin))
+            for age in range(AGES):  # those who forgot it (``FORGOTTEN``) add nothing
+                for user in key[age]:
+                    slot = (user, age, pbin)
+                    f = factors.get(slot)
                     if f is None:
-                        f = factors[(user, age, pbin)] = user_density(user, age, pbin)
+                        f = factors[slot] = user_density(user, age, pbin)
                     density += f
+            sessions = key[-2]
             if sessions >= 2:  # other sessions reuse it at the rate new sessions came, if any more do
                 agent_key = w.spread_agent(key) if sessions == 2 else 0
                 p = spread.get((sessions, agent_key))
@@ -856,12 +868,9 @@ class CacheSage(Policy):
                 if silent > 0:
                     density += rate * silent / (silent + max(1.0 - p, 0.0))
             if density <= 0:
-                score = 0.0
-            else:
-                delay = max(1.0 / (density * tau), 1 / 32)  # in turnovers
-                score = min(max(1.0 - math.log(delay * 32) / math.log(1024), 0.0), 1.0)
-            by_key[(key, born, renewed)] = score
-            return score
+                return 0.0
+            delay = max(1.0 / (density * tau), 1 / 32)  # in turnovers
+            return min(max(1.0 - math.log(delay * 32) / math.log(1024), 0.0), 1.0)
 
         return key_score
 
@@ -881,9 +890,15 @@ class CacheSage(Policy):
     # --- act ----------------------------------------------------------------------
 
     def _decision_id(self, kind: str, workload: str, agent: str, *parts: object) -> str:
+        """A decision's id: the same decision made again (a restarted worker re-reading events) gets the same one.
+
+        A tuple of block hashes goes in joined, not by ``repr``: the hashes of a large group cost most of an id."""
         digest = hashlib.blake2b(digest_size=12)
         for part in (self.name, kind, workload, agent, *parts):
-            digest.update(repr(part).encode())
+            if isinstance(part, tuple) and part and isinstance(part[0], str):
+                digest.update(b"\x1e" + "\x1f".join(part).encode())
+            else:
+                digest.update(repr(part).encode())
             digest.update(b"\0")
         return digest.hexdigest()
 
@@ -931,15 +946,14 @@ class CacheSage(Policy):
         expires = now + cfg.decision_ttl_s
         out: list[ev.Decision] = []
         for key, members in w.groups.items():
-            users = next((u for u in key[: FORGOTTEN + 1] if u), ())
-            if not users:
+            owner = _latest_agent(key)
+            if owner is None:
                 continue  # unattributed blocks: no agent to key a decision by
             bucket = min(int(key_score(key, w.born.get(key, now), w.renewed.get(key, now)) * cfg.score_buckets), top)
             last = w.emitted.get(key)
             if last is not None and last[0] == bucket and now - last[1] < refresh_after and key not in w.dirty:
                 continue
             w.emitted[key] = (bucket, now)
-            owner = users[-1][0]
             hashes = tuple(sorted(members))
             out.append(ev.EvictionScore(
                 workload=workload, agent=owner, time=now, policy=self.name, expires_at=expires, block_hashes=hashes,
@@ -1000,7 +1014,8 @@ class CacheSage(Policy):
             if not hashes:
                 continue
             resident = [h for h in hashes if h in w.blocks and w.blocks[h].resident]
-            missing = [h for h in hashes if h not in resident]
+            kept = set(resident)
+            missing = [h for h in hashes if h not in kept]
             gap = w.timing.get(GAP_S, i) if i is not None else cfg.default_step_s
             expires = now + cfg.decision_ttl_s
             if may_pin and probability >= cfg.pin_threshold and resident:
@@ -1101,6 +1116,15 @@ class CacheSage(Policy):
                     session.steps[int(step)] = _Step(agent, started, ended, learned_in)
                 for agent, (request, hashes) in st.get("prefixes", {}).items():
                     w.prefix_of[(agent, session_name)] = (request, list(hashes))
+
+
+def _latest_agent(key: tuple) -> str | None:
+    """The agent of a block group's most recent user (its youngest age first), None for unattributed blocks."""
+    for age in range(FORGOTTEN + 1):
+        users = key[age]
+        if users:
+            return users[-1][0]
+    return None
 
 
 def _sessions_of(key: tuple) -> set[str]:

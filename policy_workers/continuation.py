@@ -66,7 +66,7 @@ class Continuation:
         k = self.strength
 
         def shrunk(row: int, toward: float) -> float:
-            continued, stopped = (float(c) for c in self.counts[row, n])
+            continued, stopped = self.counts[row, n].tolist()
             return (continued + k * toward) / (continued + stopped + k)
 
         toward = shrunk(POOLED, prior) if pooled else prior

@@ -102,6 +102,7 @@ class ReuseHazard:
         self.typical_reply = np.zeros(8, dtype=np.float16)  # per agent: EWMA of log(1 + reply tokens)
         self._everyone: dict[tuple[int, int], float] = {}  # all agents' mean per (age, class), until the next update
         self._first: dict[tuple, list[float]] = {}  # first_reuse's answers, until the next update
+        self._hazards: dict[tuple, float] = {}  # hazard's answers, until the next update
 
     def long_reply(self, i: int, output_tokens: int | None) -> bool:
         """Whether a reply is longer than the agent's typical one so far (False when unknown); then learn it."""
@@ -124,6 +125,7 @@ class ReuseHazard:
             self.arrays = np.concatenate([self.arrays, np.zeros_like(self.arrays)], axis=2)
         self._everyone.clear()
         self._first.clear()
+        self._hazards.clear()
         current = set(current)
         seen: set[str] = set()
         classes = self.arrays.shape[1]
@@ -154,8 +156,16 @@ class ReuseHazard:
         return 1 + min(max(round((logit + cls.LOGIT_SPAN) / (2 * cls.LOGIT_SPAN) * cls.STEPS), 0), cls.STEPS)
 
     def hazard(self, age: int, i: int | None, position_bin: int) -> float:
-        """The agent's reuse probability for a block of this age and class, shrunk toward all agents' mean."""
-        age = min(age, AGES - 1)
+        """The agent's reuse probability for a block of this age and class, shrunk toward all agents' mean.
+
+        Kept until the next update: an act asks for the same few cells once per block of every kept prefix."""
+        key = (age, i, position_bin)
+        found = self._hazards.get(key)
+        if found is None:
+            found = self._hazards[key] = self._hazard(min(age, AGES - 1), i, position_bin)
+        return found
+
+    def _hazard(self, age: int, i: int | None, position_bin: int) -> float:
         k = self.strength
         cells = self.arrays[age, position_bin]
         everyone = self._everyone.get((age, position_bin))
