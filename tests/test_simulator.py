@@ -292,6 +292,20 @@ def test_a_simulated_cachesage_run_does_not_depend_on_the_interpreters_hash_seed
     assert len(results) == 1, results
 
 
+def test_the_decision_digest_names_a_run_of_decisions_and_changes_with_any_of_them(chatdev):
+    """The check for a change that must keep every decision: equal digests for equal decisions, a different
+    one as soon as a decision differs (here: one more score level)."""
+    from evaluation.decision_digest import decision_digest
+
+    capacity = int(distinct_blocks(chatdev) * 0.05)
+    first = decision_digest(chatdev[:200], capacity, "chatdev", in_flight=8)
+    again = decision_digest(chatdev[:200], capacity, "chatdev", in_flight=8)
+    finer = decision_digest(chatdev[:200], capacity, "chatdev", in_flight=8, score_buckets=65)
+    assert first.decisions > 0 and first.act_s > 0
+    assert (again.digest, again.decisions, again.hit_rate) == (first.digest, first.decisions, first.hit_rate)
+    assert finer.digest != first.digest
+
+
 def _call(session: str, seq: int, segment: str, tokens: int = 128):
     from framework_emitter.traces import TraceCall
 
