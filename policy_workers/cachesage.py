@@ -249,11 +249,9 @@ class _Workload:
     def spread_agent(self, key: tuple) -> int:
         """A block group's key in ``spread_by_agent``: its latest user's agent index + 1 (0, the pooled row:
         no user, or an agent the model has not registered; scoring must not register agents)."""
-        for users in key[: FORGOTTEN + 1]:
-            if users:
-                i = self.model.index.get(users[-1][0])
-                return 0 if i is None else i + 1
-        return 0
+        agent = _latest_agent(key)
+        i = self.model.index.get(agent) if agent is not None else None
+        return 0 if i is None else i + 1
 
     def observe_spread(self, key: tuple, n: int, outcome: str) -> None:
         """A block group that ``n`` sessions have used got another (``continued``), has none for now
@@ -716,7 +714,7 @@ class CacheSage(Policy):
     # --- score --------------------------------------------------------------------
 
     def _group_scorer(self, w: _Workload, now: float, keys: Iterable[tuple]):
-        """A function: group key -> score in [0, 1], memoised for one ``now``; higher = more hits per block-second.
+        """A function: group key -> score in [0, 1] at one ``now``; higher = more hits per block-second.
         ``keys``: the group keys it will be asked about (their users' arrival times are computed together).
 
         A block's score is its hit density: expected reuses per unit of time it
@@ -752,7 +750,6 @@ class CacheSage(Policy):
         timing: dict[str, tuple[float, float]] = {}
         factors: dict[tuple, float] = {}
         spread: dict[tuple[int, int], float] = {}
-        by_key: dict[tuple, float] = {}
 
         def first_calls(session: _Session, target: str) -> tuple[np.ndarray, float] | None:
             """P(``target``'s next call in the session is the t-th from now), t = 1..steps (the learned chain),
@@ -839,13 +836,6 @@ class CacheSage(Policy):
             return density
 
         def key_score(key: tuple, born: float, renewed: float) -> float:
-            memo = (key, born, renewed)
-            found = by_key.get(memo)
-            if found is None:
-                found = by_key[memo] = score_of(key, born, renewed)
-            return found
-
-        def score_of(key: tuple, born: float, renewed: float) -> float:
             pbin = key[-1]
             density = 0.0  # expected hits per unit of time the block is kept
             for age in range(AGES):  # those who forgot it (``FORGOTTEN``) add nothing
@@ -881,8 +871,15 @@ class CacheSage(Policy):
             return {}
         blocks = [(h, b) for h, b in w.blocks.items() if b.resident or not resident_only]
         key_score = self._group_scorer(w, now, {b.key for _, b in blocks})
-        return {h: key_score(b.key, w.born.get(b.key, b.born), w.renewed.get(b.key, b.renewed))
-                for h, b in blocks}
+        by_key: dict[tuple, float] = {}  # blocks share keys: each (key, born, renewed) scored once
+        scores = {}
+        for h, b in blocks:
+            group = (b.key, w.born.get(b.key, b.born), w.renewed.get(b.key, b.renewed))
+            found = by_key.get(group)
+            if found is None:
+                found = by_key[group] = key_score(*group)
+            scores[h] = found
+        return scores
 
     def score(self, workload: str, now: float) -> Mapping[str, float]:
         return self.block_scores(workload, now)
