@@ -114,10 +114,9 @@ def ablate(workload: str, in_flight: int) -> dict[str, float]:
     """Hit rates: LRU, CacheSage warm, CacheSage warm + each fact, Belady (the bench's calls and capacity)."""
     from policy_workers.cachesage import CacheSage
 
-    from .bench import CALLS, PRESSURE, setting, warm_state
+    from .bench import bench_window, warm_state
 
-    chosen, _, calls, _, _, _, capacity = setting(workload, CALLS[workload], 10_000, PRESSURE[workload], 4032,
-                                                  in_flight)
+    chosen, calls, capacity = bench_window(workload, in_flight)
     state, _ = warm_state(workload, chosen, capacity, in_flight)
 
     def warm(adjust: Callable[[_Future], Adjust] | None = None, policy: CacheSage | None = None) -> float:

@@ -375,6 +375,14 @@ def warm_state(workload: str, replayed: Container[str], capacity: int, in_flight
     return learned_state(history, capacity, workload, in_flight=in_flight, announce=announce), len(history)
 
 
+def bench_window(workload: str, sized_for: int, calls: int | None = None) -> tuple[dict, list, int]:
+    """What the bench replays by default, as the simulator takes it: (sessions, prompts as the engine gets them,
+    capacity sized for ``sized_for`` requests in flight)."""
+    chosen, _, sim_calls, _, _, _, capacity = setting(workload, calls or CALLS[workload], 10_000, PRESSURE[workload],
+                                                      4032, sized_for)
+    return chosen, sim_calls, capacity
+
+
 def setting(workload: str, calls: int, max_sessions: int, fraction: float, max_prompt_tokens: int,
             in_flight: int) -> tuple[dict, list, list, int, int, float, int]:
     """What a bench run replays and at which capacity (the simulator's sweep reuses it):

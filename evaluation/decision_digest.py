@@ -23,7 +23,7 @@ from framework_emitter.traces import WORKLOADS, TraceCall
 from policy_workers.cachesage import CacheSage
 from streams import events as ev
 
-from .bench import CALLS, PRESSURE, setting
+from .bench import bench_window
 from .simulator import run_cachesage
 
 UNSTEERING = ("decision_id", "event_id")  # fields that name a decision and change nothing in the engine
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for workload in args.workloads:
         for in_flight in ([1] if args.prefetch else args.in_flight):
             sized_for = 8 if args.prefetch else in_flight  # the bench runs its prefetch arm on the engine sized for 8
-            *_, calls, _, _, _, capacity = setting(workload, CALLS[workload], 10_000, PRESSURE[workload], 4032,
-                                                   sized_for)
+            _, calls, capacity = bench_window(workload, sized_for)
             d = decision_digest(calls, capacity, workload, in_flight=in_flight, prefetch=args.prefetch, **overrides)
             print(f"| {workload} | {in_flight} | {capacity:,} | {d.hit_rate:.6f} | {d.decisions:,} | {d.digest} | "
                   f"{d.observe_s:.2f} | {d.act_s:.2f} |", flush=True)

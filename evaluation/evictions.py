@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 
 from framework_emitter.prefix_blocks import block_hashes
 
-from .bench import CALLS, PRESSURE, setting
+from .bench import bench_window
 from .simulator import LRU, Belady, block_depths, block_uses, run_cachesage, simulate
 
 BANDS = ((16, "< 16 calls"), (48, "16–47 calls"), (None, ">= 48 calls"))
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=8)
     args = parser.parse_args(argv)
     w = args.workload
-    *_, calls, _, _, _, capacity = setting(w, CALLS[w], 10_000, PRESSURE[w], 4032, args.in_flight)
+    _, calls, capacity = bench_window(w, args.in_flight)
     capacity = args.capacity or capacity
     uses = block_uses(calls)
     sessions_of: dict[str, set[str]] = defaultdict(set)

@@ -18,7 +18,7 @@ import argparse
 from collections import Counter
 
 from .ablation import _Future
-from .bench import CALLS, PRESSURE, setting, warm_state
+from .bench import bench_window, warm_state
 from .simulator import Scored, run_cachesage
 
 CLASS_NAMES = ("head", "reused", "newest message", "newest message, long reply")
@@ -45,7 +45,7 @@ def tally(workload: str, in_flight: int, capacity: int | None = None) -> tuple[f
     """Hit rate, evictions, live evictions, dead blocks kept above a live victim, live victims."""
     from policy_workers.cachesage import CacheSage
 
-    chosen, _, calls, _, _, _, rule = setting(workload, CALLS[workload], 10_000, PRESSURE[workload], 4032, 8)
+    chosen, calls, rule = bench_window(workload, 8)
     capacity = capacity or rule
     future = _Future(calls)
     sage = CacheSage()

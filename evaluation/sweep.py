@@ -117,10 +117,9 @@ def _bench_window(workload: str, calls: int | None, sized_for: int,
                   capacities: dict[str, str]) -> tuple[dict, list, int]:
     """The bench's sessions, the prompts as its engine gets them and its capacity (sized for ``sized_for`` in
     flight; ``capacities`` overrides it per workload)."""
-    from .bench import CALLS, PRESSURE, setting
+    from .bench import bench_window
 
-    chosen, _, sim_calls, _, _, _, capacity = setting(workload, calls or CALLS[workload], 10_000,
-                                                      PRESSURE[workload], 4032, sized_for)
+    chosen, sim_calls, capacity = bench_window(workload, sized_for, calls)
     return chosen, sim_calls, int(capacities.get(workload, capacity))
 
 
