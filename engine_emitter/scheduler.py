@@ -32,7 +32,7 @@ import os
 import time
 import uuid
 from collections import Counter, OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from vllm.v1.core.kv_cache_utils import BlockHash, get_block_hash, make_block_hash_with_group_id
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -101,7 +101,9 @@ class AgentRuntimeScheduler(Scheduler):
         self.default_workload = os.environ.get("AGENTRT_WORKLOAD", "default")
         self._owners: OrderedDict[str, _Owner] = OrderedDict()  # block hash (hex) -> who stored it
         self._depths: dict[str, int] = {}  # block hash (hex) -> its position in its chain, while attributed
-        self._children: dict[str, set[str]] = {}  # block hash (hex) -> the blocks that follow it in a chain
+        # block hash (hex) -> the blocks that follow it in a chain (a dict: ordered, unlike a set, so orphans
+        # reach the free queue in the same order in every run)
+        self._children: dict[str, dict[str, None]] = {}
         self._parents: dict[str, str] = {}  # block hash (hex) -> the block before it (to unlink it when it goes)
         self._orphans: set[str] = set()  # cached blocks whose chain lost an earlier block: unreachable
         self._agent_hashes: dict[AgentKey, set[str]] = {}
@@ -200,7 +202,7 @@ class AgentRuntimeScheduler(Scheduler):
                 continue
             hx = get_block_hash(block.block_hash).hex()
             if parent is not None:
-                self._children.setdefault(parent, set()).add(hx)
+                self._children.setdefault(parent, {})[hx] = None
                 self._parents[hx] = parent
             parent = hx
             self._orphans.discard(hx)
@@ -234,7 +236,12 @@ class AgentRuntimeScheduler(Scheduler):
             while len(self._prefixes) > 1024:
                 self._prefixes.popitem(last=False)
         if hashes:
-            self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=time.time(),
+            now = time.time()
+            # The evictions that made room for these blocks came first: reported after them, a block evicted and
+            # computed again in this step (a chain's cached tail past a miss, reused for its own recomputation)
+            # would read as gone while it is resident.
+            self._flush_removed(now)
+            self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=now,
                                          request=request.request_id, block_hashes=tuple(hashes),
                                          block_size=self._block_size, start_index=start, prefetch=prefetch or None))
 
@@ -249,6 +256,7 @@ class AgentRuntimeScheduler(Scheduler):
         if len(self._reported) > 4 * self.max_num_running_reqs + 1024:  # aborted requests never finish here
             del self._reported[next(iter(self._reported))]
         if chain:
+            self._flush_removed(now)  # (the evictions first, as in ``_on_blocks_cached``)
             self._emit(ev.KvBlocksStored(workload=workload, agent=agent, session=session, time=now,
                                          request=request.request_id, block_hashes=tuple(chain),
                                          block_size=self._block_size, start_index=0, prefetch=prefetch or None))
@@ -272,7 +280,7 @@ class AgentRuntimeScheduler(Scheduler):
         if parent is not None:
             siblings = self._children.get(parent)
             if siblings is not None:
-                siblings.discard(hx)
+                siblings.pop(hx, None)
                 if not siblings:
                     del self._children[parent]
 
@@ -344,22 +352,24 @@ class AgentRuntimeScheduler(Scheduler):
     def apply_decisions(self, decisions: list[tuple[ev.Decision, float]]) -> None:
         """Apply decisions (normally drained from the feed at a step boundary)."""
         now = time.time()
-        relevel: set[str] = set()
+        relevel: dict[str, None] = {}  # in the decisions' order: a set's would follow the hash seed
         for decision, received_at in decisions:
             if not self.book.apply(decision, now):
                 continue
             self.agentrt_counters["decisions_applied"] += 1
             self.decision_latency.add(max(now - decision.time, 0.0))
-            targets = set(decision.block_hashes) or set(self._agent_hashes.get((decision.workload, decision.agent), ()))
+            targets = decision.block_hashes or tuple(sorted(self._agent_hashes.get((decision.workload,
+                                                                                    decision.agent), ())))
             if isinstance(decision, ev.EvictionScore):
-                relevel |= targets
+                relevel.update(dict.fromkeys(targets))
             elif isinstance(decision, ev.Pin):
                 self._pin(targets, now)
             elif isinstance(decision, ev.Prefetch):
                 self._prefetch(decision, now)
         # Blocks moving level together go deepest first: within a level the oldest is evicted first, and a
         # chain whose head goes before its tail loses the whole tail (measured in the simulator: random order
-        # cost CacheSage 0.4-1.8 pp and Belady up to 6 pp).
+        # cost CacheSage 0.4-1.8 pp and Belady up to 6 pp). Equal depths keep the decisions' order, as the
+        # simulator's do, so two runs given the same decisions order the free queue alike.
         for hx in sorted(relevel, key=lambda h: self._depths.get(h, 0), reverse=True):
             block = self._cached_block(hx)
             if block is not None and block.ref_cnt == 0:
@@ -512,12 +522,12 @@ class AgentRuntimeScheduler(Scheduler):
         key = make_block_hash_with_group_id(BlockHash(bytes.fromhex(hx)), 0)
         return self.block_pool.cached_block_hash_to_block.get_one_block(key)
 
-    def _pin(self, hashes: set[str], now: float) -> None:
+    def _pin(self, hashes: Iterable[str], now: float) -> None:
         cap = int(self.pin_cap_fraction * (self.block_pool.num_gpu_blocks - 1))
         spare = self._spare_blocks(self._waiting_call())
         # Head first: where the cap or the room cuts a prefix short, what is pinned is a prefix (a hit);
         # a tail without its head is never hit and only holds capacity.
-        for hx in sorted(hashes, key=lambda h: self._depths.get(h, 0)):
+        for hx in sorted(dict.fromkeys(hashes), key=lambda h: self._depths.get(h, 0)):
             block = self._cached_block(hx)
             if block is None or block.block_id in self._pinned:
                 continue

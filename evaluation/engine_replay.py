@@ -19,7 +19,10 @@ Arms differ only in what steers eviction:
 The policies run in the engine process here (``scheduler.observers``) so a run
 is deterministic enough to repeat; in production the same events and
 decisions travel through Kafka (``agentrt worker``). Nothing in the decision
-path differs.
+path differs. As a worker reads the event stream after the fact, an arm takes
+the events it was handed only when it next acts (``EventBacklog``): the
+policy's bookkeeping runs between engine steps, on the engine's thread, but
+not inside the step or the submission that serves a call.
 """
 from __future__ import annotations
 
@@ -110,6 +113,30 @@ class Arm:
     def detach(self) -> None: ...
 
 
+class EventBacklog:
+    """Events handed to an arm, kept in order until it next acts.
+
+    A policy worker consumes the event stream behind the engine; an in-process
+    arm that took each event as it was emitted would put its bookkeeping inside
+    the engine step and the submission that serve a call, on its TTFT, where
+    production never has it. An act sees exactly the events it would have seen
+    taking them one by one, so no decision changes.
+    """
+
+    def __init__(self, take: Callable[[Any], None]) -> None:
+        self._take = take
+        self._events: list[Any] = []
+
+    def __call__(self, event: Any) -> None:
+        self._events.append(event)
+
+    def drain(self) -> None:
+        """Take every held event, oldest first."""
+        events, self._events = self._events, []
+        for event in events:
+            self._take(event)
+
+
 class PolicyArm(Arm):
     """A policy in the engine process: it observes engine and framework events and acts at step boundaries."""
 
@@ -122,16 +149,17 @@ class PolicyArm(Arm):
         self.cost_s = {"observe": 0.0, "act": 0.0, "apply": 0.0}
         self.decisions = 0
         self.acts = 0
-
-    def _observe(self, event: Any) -> None:
-        began = time.perf_counter()
-        self.policy.observe(event)
-        self.cost_s["observe"] += time.perf_counter() - began
+        self._backlog = EventBacklog(policy.observe)
 
     def attach(self, scheduler: Any, workload: str) -> AgentEventEmitter:
         self.scheduler, self.workload = scheduler, workload
-        scheduler.observers.append(self._observe)
-        return AgentEventEmitter(CallbackSink(self._observe), workload)
+        scheduler.observers.append(self._backlog)
+        return AgentEventEmitter(CallbackSink(self._backlog), workload)
+
+    def _catch_up(self) -> None:
+        began = time.perf_counter()
+        self._backlog.drain()
+        self.cost_s["observe"] += time.perf_counter() - began
 
     def after_step(self, now: float, finished: int = 0) -> None:
         # A finished request is an agent step's end: its blocks are free now and the session's next call may
@@ -141,6 +169,7 @@ class PolicyArm(Arm):
             return
         self._last_act = now
         self.acts += 1
+        self._catch_up()
         began = time.perf_counter()
         decisions = self.policy.act(self.workload, now)
         acted = time.perf_counter()
@@ -151,7 +180,8 @@ class PolicyArm(Arm):
             self.cost_s["apply"] += time.perf_counter() - acted
 
     def detach(self) -> None:
-        self.scheduler.observers.remove(self._observe)
+        self.scheduler.observers.remove(self._backlog)
+        self._catch_up()  # the policy ends up knowing every event of its run
 
 
 class OracleArm(Arm):
@@ -179,14 +209,15 @@ class OracleArm(Arm):
         self._request_call: dict[str, int] = {}
         self._now = 0
         self._dirty = False
+        self._backlog = EventBacklog(self._take)
 
     def attach(self, scheduler: Any, workload: str) -> None:
         self.scheduler, self.workload = scheduler, workload
-        scheduler.observers.append(self._observe)
+        scheduler.observers.append(self._backlog)
         return None
 
     def detach(self) -> None:
-        self.scheduler.observers.remove(self._observe)
+        self.scheduler.observers.remove(self._backlog)
 
     def register(self, request_id: str, index: int) -> None:
         self._request_call[request_id] = index
@@ -195,7 +226,7 @@ class OracleArm(Arm):
         self._now = index
         self._dirty = True
 
-    def _observe(self, event: ev.Event) -> None:
+    def _take(self, event: ev.Event) -> None:
         if isinstance(event, ev.KvBlocksStored):
             request = event.request or ""
             index = self._request_call.get(request)
@@ -222,6 +253,7 @@ class OracleArm(Arm):
         return max(1.0 - math.log2(1 + uses[k] - self._now) / math.log2(1 + self._n), 0.0)
 
     def after_step(self, now: float, finished: int = 0) -> None:
+        self._backlog.drain()
         if not self._dirty:
             return
         self._dirty = False

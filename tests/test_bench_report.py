@@ -41,6 +41,9 @@ class _CountingPolicy:
     def __init__(self) -> None:
         self.acts = 0
 
+    def observe(self, event):  # noqa: ANN001, ANN201
+        pass
+
     def act(self, workload, now):  # noqa: ANN001, ANN201
         self.acts += 1
         return []
@@ -60,6 +63,46 @@ def test_the_in_engine_policy_acts_at_every_step_end_and_otherwise_at_its_cadenc
     assert policy.acts == 10
     arm.after_step(100.1 + 0.11, finished=0)  # the cadence comes round
     assert policy.acts == 11
+
+
+class _RecordingPolicy(_CountingPolicy):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+        self.seen_at_act: list[int] = []
+
+    def observe(self, event):  # noqa: ANN001, ANN201
+        self.seen.append(event)
+
+    def act(self, workload, now):  # noqa: ANN001, ANN201
+        self.seen_at_act.append(len(self.seen))
+        return super().act(workload, now)
+
+
+class _Observers:
+    def __init__(self) -> None:
+        self.observers: list = []
+
+
+def test_the_in_engine_policy_takes_the_events_of_a_step_only_when_it_next_acts_in_their_order():
+    from evaluation.engine_replay import PolicyArm
+
+    policy, scheduler = _RecordingPolicy(), _Observers()
+    arm = PolicyArm(policy, act_every_s=0.1)
+    framework = arm.attach(scheduler, "w")
+    assert framework is not None
+    for event in range(5):  # what the engine emits while it serves a call: nothing is taken yet
+        scheduler.observers[0](event)
+    assert policy.seen == []
+    arm.after_step(100.0, finished=0)  # the first act: everything before it, oldest first
+    scheduler.observers[0](5)
+    arm.after_step(100.05, finished=0)  # throttled: the event waits
+    assert policy.seen == [0, 1, 2, 3, 4]
+    arm.after_step(100.06, finished=1)
+    assert policy.seen_at_act == [5, 6]
+    scheduler.observers[0](6)
+    arm.detach()  # the last events are taken when the arm lets go
+    assert policy.seen == list(range(7)) and scheduler.observers == []
 
 
 def test_cachesage_settings_from_the_command_line_are_typed_and_checked():

@@ -137,6 +137,38 @@ def test_blocks_after_an_evicted_block_are_evicted_before_reachable_ones(fresh):
     assert linked and linked <= set(scheduler._owners)
 
 
+def test_blocks_evicted_for_their_own_recomputation_are_reported_gone_before_they_are_stored_again(fresh):
+    """The unreachable tail of a chain whose head went is evicted first, here by the allocation of the call
+    that computes that chain again: a policy reading the events in order must end up with every block of
+    the chain resident, as it is (the evictions reported after the new blocks would read as gone)."""
+    llm, scheduler = fresh
+    events: list[ev.Event] = []
+    scheduler.observers.append(events.append)
+    try:
+        _call(llm, "planner", 0)
+        _call(llm, "worker-1", 0)
+        planner = sorted(scheduler._agent_hashes[("w", "planner")], key=scheduler._depths.get)
+        now = time.time()
+        scheduler.apply_decisions([
+            (_decision(ev.EvictionScore, "planner", f"head-{now}", score=0.01, block_hashes=(planner[0],)), now),
+            (_decision(ev.EvictionScore, "planner", f"rest-{now}", score=0.9, block_hashes=tuple(planner[1:])), now)])
+        _other_prompts(llm, blocks=23, count=1)  # evicts the planner's head: its 7 other blocks are unreachable
+        again = len(events)
+        assert _call(llm, "planner", 1)[0] == 0  # no head, no hit: the whole prefix is computed again
+    finally:
+        scheduler.observers.remove(events.append)
+    removed_in_call = {h for e in events[again:] if isinstance(e, ev.KvBlocksRemoved) for h in e.block_hashes}
+    assert removed_in_call & set(planner[1:])  # the case: its own tail made room for it
+    resident: set[str] = set()
+    for event in events:
+        if isinstance(event, ev.KvBlocksStored):
+            resident.update(event.block_hashes)
+        elif isinstance(event, ev.KvBlocksRemoved):
+            resident.difference_update(event.block_hashes)
+    assert set(planner) <= resident
+    assert all(scheduler._cached_block(h) is not None for h in planner)
+
+
 def _other_prompts(llm, blocks: int, count: int) -> None:
     """``count`` prompts of ``blocks`` full blocks each from another agent, at once, 4 output tokens each."""
     from vllm import SamplingParams
