@@ -114,10 +114,9 @@ def test_blocks_rescored_together_lose_their_chain_tail_first(fresh):
     assert _call(llm, "planner", 1)[0] == PREFIX_TOKENS - evicted * 32
 
 
-def test_blocks_after_an_evicted_block_are_evicted_before_reachable_ones(fresh):
-    """The planner's first block goes (scored lowest) while the rest of its chain is scored high: those
-    7 blocks can never be hit again, so they go before the worker's reachable prefix (neutral)."""
-    llm, scheduler = fresh
+def _planner_head_lowest_rest_high(llm, scheduler) -> list[str]:
+    """The planner's and worker-1's prefixes cached, the planner's first block scored lowest and the rest of
+    its chain high; returns the planner's block hashes, head first."""
     _call(llm, "planner", 0)
     _call(llm, "worker-1", 0)
     planner = sorted(scheduler._agent_hashes[("w", "planner")], key=scheduler._depths.get)
@@ -125,6 +124,14 @@ def test_blocks_after_an_evicted_block_are_evicted_before_reachable_ones(fresh):
     scheduler.apply_decisions([
         (_decision(ev.EvictionScore, "planner", f"head-{now}", score=0.01, block_hashes=(planner[0],)), now),
         (_decision(ev.EvictionScore, "planner", f"rest-{now}", score=0.9, block_hashes=tuple(planner[1:])), now)])
+    return planner
+
+
+def test_blocks_after_an_evicted_block_are_evicted_before_reachable_ones(fresh):
+    """The planner's first block goes (scored lowest) while the rest of its chain is scored high: those
+    7 blocks can never be hit again, so they go before the worker's reachable prefix (neutral)."""
+    llm, scheduler = fresh
+    planner = _planner_head_lowest_rest_high(llm, scheduler)
     demoted = scheduler.agentrt_counters["orphaned_blocks_demoted"]  # counted since the engine started
     # 23 blocks are empty: a 23-block prompt fits, its first output token evicts one block (the head).
     _other_prompts(llm, blocks=23, count=1)
@@ -145,13 +152,7 @@ def test_blocks_evicted_for_their_own_recomputation_are_reported_gone_before_the
     events: list[ev.Event] = []
     scheduler.observers.append(events.append)
     try:
-        _call(llm, "planner", 0)
-        _call(llm, "worker-1", 0)
-        planner = sorted(scheduler._agent_hashes[("w", "planner")], key=scheduler._depths.get)
-        now = time.time()
-        scheduler.apply_decisions([
-            (_decision(ev.EvictionScore, "planner", f"head-{now}", score=0.01, block_hashes=(planner[0],)), now),
-            (_decision(ev.EvictionScore, "planner", f"rest-{now}", score=0.9, block_hashes=tuple(planner[1:])), now)])
+        planner = _planner_head_lowest_rest_high(llm, scheduler)
         _other_prompts(llm, blocks=23, count=1)  # evicts the planner's head: its 7 other blocks are unreachable
         again = len(events)
         assert _call(llm, "planner", 1)[0] == 0  # no head, no hit: the whole prefix is computed again
