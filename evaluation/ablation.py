@@ -114,6 +114,7 @@ def ablate(workload: str, in_flight: int) -> dict[str, float]:
     """Hit rates: LRU, CacheSage warm, CacheSage warm + each fact, Belady (the bench's calls and capacity)."""
     from policy_workers.cachesage import CacheSage
 
+    from .bench import MAX_OUTPUT_TOKENS as generated
     from .bench import bench_window, warm_state
 
     chosen, calls, capacity = bench_window(workload, in_flight)
@@ -124,16 +125,17 @@ def ablate(workload: str, in_flight: int) -> dict[str, float]:
         policy.load_state(state)
         return run_cachesage(calls, capacity, workload, in_flight=in_flight, policy=policy,
                              observe_sim=(future.on_call, lambda h: None),
-                             adjust_level=adjust(future) if adjust else None).hit_rate
+                             adjust_level=adjust(future) if adjust else None, generated=generated).hit_rate
 
-    rates = {"capacity": capacity, "LRU": simulate(calls, capacity, LRU(), in_flight=in_flight).hit_rate,
+    rates = {"capacity": capacity,
+             "LRU": simulate(calls, capacity, LRU(), in_flight=in_flight, generated=generated).hit_rate,
              "CacheSage": warm()}
     for name, fact in FACTS.items():
         rates[f"+ {name}"] = warm(fact)
     for name, knowing in POLICY_FACTS.items():
         rates[f"+ {name}"] = warm(policy=knowing(calls))
     rates["Belady"] = simulate(calls, capacity, Belady(block_uses(calls), block_depths(calls)),
-                               in_flight=in_flight).hit_rate
+                               in_flight=in_flight, generated=generated).hit_rate
     return rates
 
 

@@ -56,6 +56,7 @@ CALLS = {"ag2_captainagent": 120, "chatdev": 120, "crewai": 400, "magentic_one":
 ARMS = ("stock", "cachesage", "cachesage-cold", "cachesage+prefetch", "oracle")
 CONTROL_ARMS = ("lru-runtime",)
 WARM_CALLS = 2000
+MAX_OUTPUT_TOKENS = 8  # generated per call at most: the engine's KV holds them, so the simulator in its setting too
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -445,12 +446,14 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
         return policy
 
     # The simulator in the engine's setting: the whole capacity, the same number of requests in flight.
-    simulated = {"stock": simulate(sim_calls, capacity, LRU(), in_flight=k).hit_rate,
+    generated = args.max_output_tokens
+    simulated = {"stock": simulate(sim_calls, capacity, LRU(), in_flight=k, generated=generated).hit_rate,
                  "cachesage": run_cachesage(sim_calls, capacity, workload, in_flight=k, policy=cachesage(True),
-                                            announce=args.announce).hit_rate,
+                                            announce=args.announce, generated=generated).hit_rate,
                  "cachesage-cold": run_cachesage(sim_calls, capacity, workload, in_flight=k,
-                                                 announce=args.announce).hit_rate,
-                 "oracle": simulate(sim_calls, capacity, Belady.for_calls(sim_calls), in_flight=k).hit_rate}
+                                                 announce=args.announce, generated=generated).hit_rate,
+                 "oracle": simulate(sim_calls, capacity, Belady.for_calls(sim_calls), in_flight=k,
+                                    generated=generated).hit_rate}
     simulated["lru-runtime"] = simulated["stock"]
     # Engines: side by side, one per arm (they take turns); one after another, stock's and one the other
     # arms share. One block more than the capacity: vLLM keeps one as its null block.
@@ -583,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                         help="auto: bfloat16 where the CPU has AMX, else float32")
     parser.add_argument("--max-prompt-tokens", type=int, default=4032)
-    parser.add_argument("--max-output-tokens", type=int, default=8)
+    parser.add_argument("--max-output-tokens", type=int, default=MAX_OUTPUT_TOKENS)
     parser.add_argument("--max-in-flight", type=int, default=8)
     parser.add_argument("--sized-for-in-flight", type=int, default=None,
                         help="KV capacity: the pressure band plus the working set of this many requests in flight "

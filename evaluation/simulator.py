@@ -2,12 +2,22 @@
 
 What it models (vLLM 0.32, see ../shared/notes/vllm-integration.md):
 - blocks of ``block_size`` tokens identified by chained hashes (framework_emitter.prefix_blocks);
-- a call hits the leading full prompt blocks that are cached (resident, in use or free);
+- a call hits the leading full prompt blocks that are cached (resident, in use or free), whole
+  blocks only and never its last token (vLLM's ``get_computed_blocks``): a prompt cached to its
+  end on a block boundary computes its last block again;
 - the call then allocates the rest, taking free blocks in eviction order and dropping their
   cached content; its full blocks become cached;
+- with ``generated`` set, the tokens a call generates need blocks too (allocated after its
+  prefill, as vLLM's first decode step does) and the blocks they fill are cached, as vLLM caches
+  every full block; their tokens are the random ones the bench's model samples, so nothing reads
+  them again (without it, outputs are not modelled);
 - when it finishes, its blocks are freed tail first (the chain's tail is evicted first, as
-  vLLM orders them); generated tokens are not cached;
-- calls run one at a time in the order of ``interleave`` (16 sessions active at once).
+  vLLM orders them);
+- calls run one at a time in the order of ``interleave`` (16 sessions active at once), or with
+  ``in_flight`` > 1 as the bench's replay keeps them in flight, through vLLM's scheduler one engine
+  step at a time (``evaluation.batched``: token budget, chunked prefill, preemption).
+
+The pool itself (hashes, empty blocks, users, the eviction order) is ``evaluation.block_pool``.
 
 One simplification: a hash is one block. When a call misses early in its chain but a later
 block of the chain is still cached, vLLM computes it again into a new block and keeps both
@@ -25,7 +35,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -34,18 +44,11 @@ from framework_emitter.prefix_blocks import block_hashes
 from framework_emitter.traces import TraceCall, next_in_session
 from streams import events as ev
 
+from .batched import TOKEN_BUDGET, run_batched
+from .block_pool import BlockPool, EvictionOrder, SimResult, generated_block
+
 SCORE_LEVELS = ev.SCORE_LEVELS
 NEUTRAL_SCORE = 0.5
-
-
-class EvictionOrder:
-    """Free cached blocks, in the order they would be evicted."""
-
-    def add(self, h: str, now: int) -> None: ...
-    def remove(self, h: str) -> None: ...
-    def pop(self, now: int) -> str: ...
-    def __len__(self) -> int: ...
-    def __contains__(self, h: str) -> bool: ...
 
 
 class LRU(EvictionOrder):
@@ -108,10 +111,15 @@ class Belady(EvictionOrder):
 
     def pop(self, now: int) -> str:
         while True:
-            neg_next, _, h = heapq.heappop(self._heap)
-            if h in self._free and -neg_next == self._next_use(h, now):
+            neg_next, neg_depth, h = heapq.heappop(self._heap)
+            if h not in self._free:
+                continue  # a stale entry: the block was used again
+            upcoming = self._next_use(h, now)
+            if -neg_next == upcoming:
                 self._free.discard(h)
                 return h
+            # Its next use went by while it was free (a preempted request's, in the batched engine): rank it anew.
+            heapq.heappush(self._heap, (-upcoming, neg_depth, h))
 
     def __len__(self) -> int:
         return len(self._free)
@@ -359,28 +367,6 @@ def run_steps_to_execution(calls: Sequence[TraceCall], capacity_blocks: int, *, 
                     on_call=on_call, after_call=after_call)
 
 
-@dataclass
-class SimResult:
-    policy: str
-    capacity_blocks: int
-    prompt_tokens: int = 0
-    hit_tokens: int = 0
-    calls: int = 0
-    evictions: int = 0
-    prefetches: int = 0  # prefetches run (one whose blocks were all resident is not)
-    prefetch_tokens: int = 0  # prompt tokens they computed (their resident heads were hits)
-    per_call_hits: list[int] = field(default_factory=list, repr=False)
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-    @property
-    def computed_tokens(self) -> int:
-        """Prompt tokens computed: the calls' uncached tokens plus every prefetch's (the engine's account)."""
-        return self.prompt_tokens - self.hit_tokens + self.prefetch_tokens
-
-
 def distinct_blocks(calls: Sequence[TraceCall], block_size: int = 32) -> int:
     return len({h for c in calls for h in block_hashes(c.segments, block_size)})
 
@@ -390,110 +376,89 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
              on_evict: Callable[[str], None] | None = None, after_call: Callable[[int, TraceCall], None] | None = None,
              in_flight: int = 1, on_finish: Callable[[int, TraceCall], None] | None = None,
              prefetch: Callable[[int], Iterable[Sequence[str]]] | None = None,
-             on_prefetch: Callable[[Sequence[str]], None] | None = None) -> SimResult:
+             on_prefetch: Callable[[Sequence[str]], None] | None = None, generated: int = 0,
+             on_generated: Callable[[int, TraceCall, list[str]], None] | None = None,
+             on_step: Callable[[int], None] | None = None, token_budget: int = TOKEN_BUDGET) -> SimResult:
     """Run the calls through a block pool of ``capacity_blocks`` with eviction ``order``.
 
     Callbacks let a policy observe (``on_call(i, call, hashes, hit_blocks)``, ``on_evict(h)``,
     ``on_finish(i, call)`` when the call's blocks are freed) and act (``after_call``) between
     calls, as the stream would around an engine.
-    ``in_flight`` > 1 models a running batch: a call's blocks stay in use (not evictable)
-    until the call ``in_flight`` places later starts, as in a replay that keeps that many
-    requests in flight and completes them roughly in order; ``capacity_blocks`` is then the
-    engine's whole KV capacity, working set included.
+    ``in_flight`` > 1 runs the engine's steps (``evaluation.batched``): the replay keeps that many requests in
+    flight, and each step schedules them as vLLM's scheduler does; ``on_step(step)`` opens each step, the
+    policy's act cadence (``after_call`` and ``prefetch`` are not called).
+    ``capacity_blocks`` is the engine's whole KV capacity, working set included.
     ``prefetch(i)``, one at a time only: the block chains to compute while call ``i`` runs (its blocks
     in use), as the engine runs a held prefetch in the decode steps of the one running request; each
     hits its resident head, computes the rest (evicting in policy order), is reported to
     ``on_prefetch(chain)`` and frees its blocks at once.
+    ``generated``: the most tokens a call generates, as the engine's ``max_tokens`` (each call generates
+    ``min(output_tokens, generated)``, at least one); 0 leaves outputs out. The KV of all but the last of
+    them takes blocks after the call's prefill; the blocks they fill are cached, reported to
+    ``on_generated(i, call, hashes)``, and freed with the call's own, before them (they are its tail).
     """
-    cached: set[str] = set()  # hashes with a block (in use or free)
-    free_uncached = capacity_blocks  # empty blocks (never cached, or dropped)
     result = SimResult(name or type(order).__name__, capacity_blocks)
-    users: dict[str, int] = {}  # hash -> calls in flight using it
-    running: deque[tuple[int, list[str], bool]] = deque()  # (index, hashes, has a partial block) in flight
-    running_sessions: dict[str, int] = {}
+    pool = BlockPool(capacity_blocks, order, result, on_evict)
+    if in_flight > 1:
+        return run_batched(calls, pool, in_flight, block_size=block_size, generated=generated,
+                            token_budget=token_budget, on_call=on_call, on_finish=on_finish,
+                            on_generated=on_generated, on_step=on_step)
 
-    def finish(started: int, hashes: list[str], partial: bool, now: int) -> int:
-        """Free a finished call's blocks (tail of the chain evicted first); returns empty blocks freed."""
-        for h in reversed(hashes):
-            users[h] -= 1
-            if not users[h]:
-                del users[h]
-                order.add(h, now)
-        if on_finish:
-            on_finish(started, calls[started])
-        return 1 if partial else 0  # the partial block holds nothing reusable
-
-    def allocate(need: int, empty: int, now: int) -> int:
-        """Take ``need`` blocks: empty ones first, then free cached ones evicted in policy order; returns the
-        empty blocks left."""
-        take_empty = min(need, empty)
-        for _ in range(need - take_empty):
-            if len(order) == 0:
-                break  # the request does not fit: in vLLM it would wait; counted as computed
-            victim = order.pop(now)
-            cached.discard(victim)
-            result.evictions += 1
-            if on_evict:
-                on_evict(victim)
-        return empty - take_empty
-
-    def run_prefetch(chain: list[str], empty: int, now: int) -> int:
+    def run_prefetch(chain: list[str], now: int) -> None:
         """Compute a prefetch's chain past its resident head; its blocks are free again at once."""
-        head = 0
-        while head < len(chain) and chain[head] in cached:
-            head += 1
+        head = pool.resident_head(chain)
         if head == len(chain):
-            return empty  # all resident: the engine does not run it
+            return  # all resident: the engine does not run it
         for h in chain:
             if h in order:
                 order.remove(h)
-        empty = allocate(sum(h not in cached for h in chain), empty, now)
-        cached.update(chain)
+        pool.allocate(sum(h not in pool.cached for h in chain), now)
+        pool.cached.update(chain)
         result.prefetches += 1
         result.prefetch_tokens += (len(chain) - head) * block_size
         if on_prefetch:
             on_prefetch(chain)
         for h in reversed(chain):
-            if h not in users:  # (a block the running call uses stays in use)
+            if h not in pool.users:  # (a block the running call uses stays in use)
                 order.add(h, now)
-        return empty
 
     for i, call in enumerate(calls):
-        # Room for one more request; and a session's next call waits for its previous one (with
-        # calls started in order and finishing in order, so does every call after it).
-        while running and (len(running) >= in_flight or call.session in running_sessions):
-            started, *rest = running.popleft()
-            running_sessions[calls[started].session] -= 1
-            if not running_sessions[calls[started].session]:
-                del running_sessions[calls[started].session]
-            free_uncached += finish(started, *rest, i)
         hashes = block_hashes(call.segments, block_size)
         prompt = call.prompt_tokens
-        hit = 0
-        for h in hashes:  # leading resident blocks
-            if h not in cached:
-                break
-            hit += 1
-        hit_tokens = min(hit * block_size, max(prompt - 1, 0))  # vLLM always computes the last token
-        for h in hashes:  # every cached block of the prompt is in use now: out of the free queue
-            if h in order:
-                order.remove(h)
+        resident = pool.resident_head(hashes)
+        # vLLM hits whole blocks and always computes the last token, so a prompt resident to its end on a block
+        # boundary computes its last block again, into a block of its own (here a spare, empty once the call
+        # ends; vLLM keeps that copy cached beside the first until one of them is evicted).
+        hit = min(resident, max(prompt - 1, 0) // block_size)
+        recomputed = resident - hit
+        hit_tokens = hit * block_size
         unique = list(dict.fromkeys(hashes))
-        for h in unique:
-            users[h] = users.get(h, 0) + 1
-        free_uncached = allocate(sum(h not in cached for h in hashes) + (1 if prompt % block_size else 0),
-                                 free_uncached, i)
+        missing = sum(h not in pool.cached for h in unique)
+        for h in unique:  # every cached block of the prompt is in use now: out of the free queue
+            pool.take(h)
+        pool.allocate(missing + recomputed + (1 if prompt % block_size else 0), i)
         if on_call:
             on_call(i, call, hashes, hit)
-        cached.update(hashes)
-        if prefetch is not None and in_flight == 1:
+        pool.cached.update(hashes)
+        held, kv_tokens = unique, prompt
+        if generated:
+            # The last generated token's KV is never computed: the request stops when it is sampled.
+            kv_tokens = prompt + max(1, min(call.output_tokens, generated)) - 1
+            pool.allocate(-(-kv_tokens // block_size) - -(-prompt // block_size), i)
+            filled = [generated_block(i, j) for j in range(prompt // block_size, kv_tokens // block_size)]
+            if filled:
+                for h in filled:
+                    pool.compute(h)
+                held = unique + filled
+                if on_generated:
+                    on_generated(i, call, filled)
+        if prefetch is not None:
             for chain in prefetch(i):
-                free_uncached = run_prefetch(list(chain), free_uncached, i)
-        if in_flight == 1:  # finished before the next call: its blocks are free (and scored) now
-            free_uncached += finish(i, unique, bool(prompt % block_size), i)
-        else:
-            running.append((i, unique, bool(prompt % block_size)))
-            running_sessions[call.session] = running_sessions.get(call.session, 0) + 1
+                run_prefetch(list(chain), i)
+        # Finished before the next call: its blocks are free (and scored) now.
+        pool.release(held, recomputed + (1 if kv_tokens % block_size else 0), i)
+        if on_finish:
+            on_finish(i, call)
         result.prompt_tokens += prompt
         result.hit_tokens += hit_tokens
         result.calls += 1
@@ -525,7 +490,7 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
                   policy=None, in_flight: int = 1, observe_sim=None,  # noqa: ANN001
                   adjust_level: Callable[[str, int], int] | None = None,
                   on_order: Callable[[Scored], None] | None = None, prefetch: bool = False,
-                  announce: bool = True) -> SimResult:
+                  announce: bool = True, generated: int = 0) -> SimResult:
     """The real CacheSage, fed the events a run would produce, its decisions applied through a DecisionBook.
 
     ``announce``: as the replay's framework does, a call's end names the agent of the session's next call
@@ -536,6 +501,10 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     held per session, dropped when the session's own call comes first or the decision expires, run in
     the decode steps of the next call (see ``simulate``); without it they are ignored, as in the
     bench's ``cachesage`` arm. Pins are not modelled (the free queue here has score levels only).
+
+    ``generated`` (see ``simulate``): with outputs modelled, the policy also acts between a call's prefill and
+    its decode, as the engine's act cadence does once the prefill step is over, and sees the blocks the
+    outputs fill stored.
 
     ``observe_sim``: an optional (on_call, on_evict) pair that also sees the simulation (analysis);
     ``adjust_level(hash, level)``: changes the level a free block gets (an oracle fact added, analysis);
@@ -555,6 +524,7 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
     previous: dict[str, TraceCall] = {}
     steps: dict[str, int] = {}
     started: dict[int, int] = {}  # call index -> its step number, while it runs
+    chains: dict[int, list[str]] = {}  # call index -> its prompt's blocks, while it runs (outputs modelled)
     evicted: list[str] = []
     held: OrderedDict[str, ev.Prefetch] = OrderedDict()  # session -> its prefetch not yet run
     running_prefetch: dict[tuple[str, ...], ev.Prefetch] = {}
@@ -563,8 +533,11 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
         remaining[call.session] = remaining.get(call.session, 0) + 1
     following = next_in_session(calls)
 
+    stepped = in_flight > 1  # the batched engine: time is its steps, and the policy acts between them
+
     def on_call(i: int, call: TraceCall, hashes: list[str], hit: int) -> None:
-        clock["t"] += 1.0
+        if not stepped:
+            clock["t"] += 1.0
         now = clock["t"]
         step = steps.get(call.session, 0)
         steps[call.session] = step + 1
@@ -573,9 +546,7 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
                                        time=now, prefix_fingerprint="-",
                                        prefix_tokens=sum(n for _, n in call.segments[:-1] or call.segments),
                                        previous_agent=before.agent if before else None))
-        if evicted:
-            sage.observe(ev.KvBlocksRemoved(workload=workload, agent="", time=now, block_hashes=tuple(evicted)))
-            evicted.clear()
+        report_evicted(now)
         if hashes:
             sage.observe(ev.KvBlocksStored(workload=workload, agent=call.agent, session=call.session, time=now,
                                            request=f"{call.session}-{step}", block_hashes=tuple(hashes),
@@ -588,9 +559,33 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
         previous[call.session] = call
         started[i] = step
         held.pop(call.session, None)  # its call came first: it computes its own prefix
+        if generated:
+            chains[i] = hashes
+            if not stepped:  # a decode follows, and the engine's act cadence comes round once the prefill is over
+                act(now + 0.1)
+
+    def report_evicted(now: float) -> None:  # before the stores they made room for, as the engine reports them
+        if evicted:
+            sage.observe(ev.KvBlocksRemoved(workload=workload, agent="", time=now, block_hashes=tuple(evicted)))
+            evicted.clear()
+
+    def on_generated(i: int, call: TraceCall, filled: list[str]) -> None:
+        prompt = chains[i]
+        report_evicted(clock["t"] + 0.2)
+        sage.observe(ev.KvBlocksStored(workload=workload, agent=call.agent, session=call.session,
+                                       time=clock["t"] + 0.2, request=f"{call.session}-{started[i]}",
+                                       block_hashes=tuple(filled), block_size=block_size, start_index=len(prompt)))
+        parent = prompt[-1] if prompt else None
+        for position, h in enumerate(filled, start=len(prompt)):
+            owners[h] = (workload, call.agent)
+            depths[h] = position
+            if parent is not None:
+                children.setdefault(parent, {})[h] = None
+            parent = h
 
     def on_finish(i: int, call: TraceCall) -> None:
         now = clock["t"] + 0.5
+        chains.pop(i, None)
         sage.observe(ev.AgentStepEnd(workload=workload, agent=call.agent, session=call.session, step=started.pop(i),
                                      time=now, output_tokens=call.output_tokens))
         remaining[call.session] -= 1
@@ -600,7 +595,12 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
             nxt = following[i]
             sage.observe(ev.Handoff(workload=workload, agent=call.agent, session=call.session, time=now,
                                     step=nxt.seq, to_agent=nxt.agent))
-        act(now)  # as the engine replay does: a step's finished requests are acted on before the next allocates
+        if not stepped:  # as the engine replay does: a finished request is acted on before the next allocates
+            act(now)
+
+    def on_step(step: int) -> None:  # (batched) the act after the last step's finished requests
+        clock["t"] = CLOCK_START + step
+        act(clock["t"])
 
     def act(now: float) -> None:
         touched = []
@@ -648,11 +648,12 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
 
     return simulate(calls, capacity_blocks, order, block_size=block_size, name="CacheSage", on_call=on_call,
                     on_evict=on_evict, after_call=after_call, in_flight=in_flight, on_finish=on_finish,
-                    prefetch=admit if prefetch else None, on_prefetch=on_prefetch)
+                    prefetch=admit if prefetch else None, on_prefetch=on_prefetch, generated=generated,
+                    on_generated=on_generated, on_step=on_step)
 
 
 def learned_state(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, in_flight: int = 1,
-                  block_size: int = 32, announce: bool = True) -> dict:
+                  block_size: int = 32, announce: bool = True, generated: int = 0) -> dict:
     """What CacheSage learns about a workload from ``calls`` (run through the simulator at this capacity), as
     a worker persists it: transitions, reuse by age, agents' turns. Timing is left out (the simulator's clock
     is not a real one) and so are the sessions (all ended)."""
@@ -660,7 +661,7 @@ def learned_state(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
 
     sage = CacheSage()
     run_cachesage(calls, capacity_blocks, workload, block_size=block_size, policy=sage, in_flight=in_flight,
-                  announce=announce)
+                  announce=announce, generated=generated)
     state = sage.to_state([workload])
     for saved in state.values():
         saved["timing"], saved["sessions"] = None, {}

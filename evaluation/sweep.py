@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, str], calls: int | None = None,
                    announce: bool = True) -> int:
     """LRU, CacheSage (cold, and warm from the workload's other sessions) and Belady on exactly what
-    evaluation.bench replays, serial and with requests in flight."""
+    evaluation.bench replays, serial and with requests in flight, its outputs included."""
     from policy_workers.cachesage import CacheSage
 
+    from .bench import MAX_OUTPUT_TOKENS as generated
     from .bench import warm_state
 
     def share(hit: float, lru: float, belady: float) -> str:
@@ -104,10 +105,12 @@ def engine_setting(workloads: list[str], in_flight: int, capacities: dict[str, s
         for k in dict.fromkeys((1, in_flight)):  # once when in_flight is 1
             warm = CacheSage()
             warm.load_state(warm_state(workload, chosen, capacity, k, announce=announce)[0])
-            lru = simulate(sim_calls, capacity, LRU(), in_flight=k).hit_rate
-            cold = run_cachesage(sim_calls, capacity, workload, in_flight=k, announce=announce).hit_rate
-            warmed = run_cachesage(sim_calls, capacity, workload, in_flight=k, policy=warm, announce=announce).hit_rate
-            belady = simulate(sim_calls, capacity, Belady(*future), in_flight=k).hit_rate
+            lru = simulate(sim_calls, capacity, LRU(), in_flight=k, generated=generated).hit_rate
+            cold = run_cachesage(sim_calls, capacity, workload, in_flight=k, announce=announce,
+                                 generated=generated).hit_rate
+            warmed = run_cachesage(sim_calls, capacity, workload, in_flight=k, policy=warm, announce=announce,
+                                   generated=generated).hit_rate
+            belady = simulate(sim_calls, capacity, Belady(*future), in_flight=k, generated=generated).hit_rate
             print(f"| {workload} | {capacity:,} | {k} | {lru:.3f} | {cold:.3f} | {warmed:.3f} | {belady:.3f} | "
                   f"{share(cold, lru, belady)} | {share(warmed, lru, belady)} |", flush=True)
     return 0
@@ -130,6 +133,7 @@ def prefetch_setting(workloads: list[str], capacities: dict[str, str], calls: in
     unlimited cache's (the bound with prefetch)."""
     from policy_workers.cachesage import CacheSage, CacheSageConfig
 
+    from .bench import MAX_OUTPUT_TOKENS as generated
     from .bench import warm_state
 
     print("| workload | capacity (blocks) | LRU | CacheSage | CacheSage + prefetch | Belady | ceiling | "
@@ -138,8 +142,8 @@ def prefetch_setting(workloads: list[str], capacities: dict[str, str], calls: in
     for workload in workloads:
         chosen, sim_calls, capacity = _bench_window(workload, calls, 8, capacities)
         state = warm_state(workload, chosen, capacity, 1, announce=announce)[0]
-        lru = simulate(sim_calls, capacity, LRU())
-        belady = simulate(sim_calls, capacity, Belady.for_calls(sim_calls))
+        lru = simulate(sim_calls, capacity, LRU(), generated=generated)
+        belady = simulate(sim_calls, capacity, Belady.for_calls(sim_calls), generated=generated)
         # A prefetch recomputes what a session's earlier prompt held, so no prefetch serves a block an
         # unlimited cache would not: where Belady reaches this, nothing is left to pass it by.
         ceiling = simulate(sim_calls, distinct_blocks(sim_calls) + 1, LRU())
@@ -147,7 +151,8 @@ def prefetch_setting(workloads: list[str], capacities: dict[str, str], calls: in
         for prefetch in (False, True):
             sage = CacheSage(CacheSageConfig(**(overrides or {})))
             sage.load_state(state)
-            runs.append(run_cachesage(sim_calls, capacity, workload, policy=sage, prefetch=prefetch, announce=announce))
+            runs.append(run_cachesage(sim_calls, capacity, workload, policy=sage, prefetch=prefetch, announce=announce,
+                                      generated=generated))
         scores, fetched = runs
         print(f"| {workload} | {capacity:,} | {lru.hit_rate:.3f} | {scores.hit_rate:.3f} | {fetched.hit_rate:.3f} | "
               f"{belady.hit_rate:.3f} | {ceiling.hit_rate:.3f} | "
@@ -172,16 +177,17 @@ def grid_point(workload: str, calls: int, scale: float, in_flight: int) -> tuple
     """(LRU, warm CacheSage, Belady, capacity) at one setting of the grid."""
     from policy_workers.cachesage import CacheSage
 
+    from .bench import MAX_OUTPUT_TOKENS as generated
     from .bench import warm_state
 
     chosen, sim_calls, capacity = _bench_window(workload, calls, 8, {})
     capacity = int(capacity * scale)
     warm = CacheSage()
     warm.load_state(warm_state(workload, chosen, capacity, in_flight)[0])
-    lru = simulate(sim_calls, capacity, LRU(), in_flight=in_flight).hit_rate
-    sage = run_cachesage(sim_calls, capacity, workload, in_flight=in_flight, policy=warm).hit_rate
+    lru = simulate(sim_calls, capacity, LRU(), in_flight=in_flight, generated=generated).hit_rate
+    sage = run_cachesage(sim_calls, capacity, workload, in_flight=in_flight, policy=warm, generated=generated).hit_rate
     belady = simulate(sim_calls, capacity, Belady(block_uses(sim_calls), block_depths(sim_calls)),
-                      in_flight=in_flight).hit_rate
+                      in_flight=in_flight, generated=generated).hit_rate
     return lru, sage, belady, capacity
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from evaluation.simulator import LRU, Belady, block_uses, distinct_blocks, run_cachesage, simulate
+from evaluation.simulator import LRU, Belady, SimResult, block_uses, distinct_blocks, run_cachesage, simulate
 from framework_emitter.replayer import interleave
 from framework_emitter.traces import read_trace, sessions
 
@@ -84,15 +84,18 @@ def test_steps_to_execution_and_ttl_run_on_a_real_trace(chatdev):
 
 
 def test_requests_in_flight_hold_their_blocks_and_a_session_waits_for_its_previous_call(chatdev):
-    """in_flight > 1: the blocks of running calls are never evicted, and a session never has two calls running."""
+    """in_flight > 1: the blocks of running calls are never evicted, a session never has two calls running, at
+    most ``in_flight`` run together (and more than one does), and every call is counted once."""
     from framework_emitter.prefix_blocks import block_hashes
 
     running: dict[int, tuple[str, set[str]]] = {}
     evicted_while_running: list[str] = []
+    together = []
 
     def on_call(i, call, hashes, hit):  # noqa: ANN001
         assert call.session not in {session for session, _ in running.values()}
         running[i] = (call.session, set(hashes))
+        together.append(len(running))
 
     def on_evict(h: str) -> None:
         if any(h in held for _, held in running.values()):
@@ -100,13 +103,50 @@ def test_requests_in_flight_hold_their_blocks_and_a_session_waits_for_its_previo
 
     capacity = int(distinct_blocks(chatdev) * 0.05) + 400
     held = simulate(chatdev, capacity, LRU(), in_flight=8, on_call=on_call, on_evict=on_evict,
-                    on_finish=lambda i, call: running.pop(i))
+                    on_finish=lambda i, call: running.pop(i), generated=8)
     assert not evicted_while_running and held.evictions > 0
     assert max(len(block_hashes(c.segments, 32)) for c in chatdev) < capacity
-    # More in flight at the same capacity leaves less room for the cache: hit rates can only differ,
-    # and Belady still bounds LRU.
-    assert simulate(chatdev, capacity, Belady.for_calls(chatdev), in_flight=8).hit_rate >= held.hit_rate
-    assert simulate(chatdev, capacity, LRU(), in_flight=1).hit_rate != held.hit_rate
+    assert 1 < max(together) <= 8 and not running
+    assert held.calls == len(chatdev) == len(held.per_call_hits)
+    assert held.prompt_tokens == sum(c.prompt_tokens for c in chatdev)
+    assert simulate(chatdev, capacity, Belady.for_calls(chatdev), in_flight=8, generated=8).hit_rate >= held.hit_rate
+
+
+def test_an_engine_step_computes_at_most_its_token_budget_and_a_later_request_hits_what_it_computes():
+    """The batched engine: a prompt longer than the step's budget takes several steps (chunked prefill), and a
+    request scheduled after another in the same step hits the blocks that one is computing (vLLM caches a
+    block when it allocates it)."""
+    steps = []
+    one = [_call("a", 0, "A", 128)]
+    simulate(one, 16, LRU(), in_flight=2, on_step=steps.append, token_budget=64)
+    assert steps == [1, 2]  # 64 tokens a step: two for 128
+    steps.clear()
+    simulate(one, 16, LRU(), in_flight=2, on_step=steps.append)
+    assert steps == [1]
+    from framework_emitter.traces import TraceCall
+
+    shared = [TraceCall("w", s, 0, None, "agent", (("system", 64), (s, 40)), 1, None) for s in ("a", "b")]
+    assert simulate(shared, 16, LRU(), in_flight=2).per_call_hits == [0, 64]
+
+
+def test_a_request_that_cannot_grow_preempts_the_last_running_one():
+    """Capacity 4: a's and b's prompts (two blocks each) are admitted together; a's first output token needs a
+    third block, so b, the last running, is preempted, its blocks freed. It comes back after a, its hit counted
+    once, when it was first scheduled."""
+    calls = [_call("a", 0, "A", 64, output_tokens=20), _call("b", 0, "B", 64, output_tokens=20)]
+
+    def finishing(capacity: int) -> tuple[SimResult, list[tuple[int, int]]]:
+        steps, finished = [0], []
+        result = simulate(calls, capacity, LRU(), in_flight=2, generated=20, on_step=steps.append,
+                          on_finish=lambda i, call: finished.append((i, steps[-1])))
+        return result, finished
+
+    result, finished = finishing(4)
+    assert [i for i, _ in finished] == [0, 1] and finished[1][1] > finished[0][1] + 1  # b after a, not beside it
+    assert result.calls == 2 and result.per_call_hits == [0, 0]
+    assert result.evictions > 0  # b's freed blocks, taken for a's output
+    roomy, finished = finishing(8)  # room for both: no preemption, both end in the step of their 20th token
+    assert finished == [(0, 20), (1, 20)] and roomy.evictions == 0
 
 
 def test_a_warm_state_comes_only_from_sessions_the_replay_does_not_send_and_loads_without_timing():
@@ -306,10 +346,76 @@ def test_the_decision_digest_names_a_run_of_decisions_and_changes_with_any_of_th
     assert finer.digest != first.digest
 
 
-def _call(session: str, seq: int, segment: str, tokens: int = 128):
+def _call(session: str, seq: int, segment: str, tokens: int = 128, output_tokens: int = 1):
     from framework_emitter.traces import TraceCall
 
-    return TraceCall("w", session, seq, None, "agent", ((segment, tokens),), 1, None)
+    return TraceCall("w", session, seq, None, "agent", ((segment, tokens),), output_tokens, None)
+
+
+def test_cachesage_sees_an_outputs_blocks_stored_after_it_acted_on_the_prefill():
+    """As the engine runs a call: its prompt's blocks are stored, the act cadence comes round after the prefill
+    step, then the blocks the output fills are stored as the rest of the same request's chain."""
+    from policy_workers.cachesage import CacheSage
+    from streams import events as ev
+
+    seen = []
+
+    class Recording(CacheSage):
+        def observe(self, event):  # noqa: ANN001, ANN202
+            if isinstance(event, ev.KvBlocksStored):
+                seen.append(("stored", event.request, event.start_index, len(event.block_hashes)))
+            elif isinstance(event, (ev.AgentStepStart, ev.AgentStepEnd)):
+                seen.append((type(event).__name__, event.session))
+            return super().observe(event)
+
+        def act(self, workload, now):  # noqa: ANN001, ANN202
+            seen.append(("act",))
+            return super().act(workload, now)
+
+    calls = [_call("a", 0, "A", 48, output_tokens=20)]
+    run_cachesage(calls, 8, "w", policy=Recording(), generated=20)
+    assert seen[:5] == [("AgentStepStart", "a"), ("stored", "a-0", 0, 1), ("act",), ("stored", "a-0", 1, 1),
+                        ("AgentStepEnd", "a")]
+    seen.clear()
+    run_cachesage(calls, 8, "w", policy=Recording())  # outputs not modelled: no act before the call's end
+    assert seen[:3] == [("AgentStepStart", "a"), ("stored", "a-0", 0, 1), ("AgentStepEnd", "a")]
+
+
+def test_a_calls_output_takes_a_block_after_its_prefill_and_can_evict_for_it():
+    """Capacity 2: x's prompt (a block and 8 tokens) is cached and free when a's (one block, on the boundary) is
+    computed; a's output needs a second block, which only an eviction of x's can give. Without outputs
+    modelled, x's prompt is a hit again."""
+    calls = [_call("x", 0, "X", 40), _call("a", 0, "A", 32, output_tokens=8), _call("x", 1, "X", 40)]
+    without = simulate(calls, 2, LRU())
+    modelled = simulate(calls, 2, LRU(), generated=8)
+    assert without.per_call_hits == [0, 0, 32] and without.evictions == 1  # a's, for x's last 8 tokens
+    assert modelled.per_call_hits == [0, 0, 0] and modelled.evictions == 2  # x's, for a's output; then a's
+    # One generated token needs no KV (the request stops once it is sampled): nothing to make room for.
+    assert simulate(calls, 2, LRU(), generated=1).per_call_hits == [0, 0, 32]
+
+
+def test_a_prompt_cached_to_its_end_on_a_block_boundary_hits_all_but_its_last_block():
+    """As vLLM counts it: a hit is whole blocks and never the prompt's last token, so the last block is
+    computed again (into a block of its own, here from the free capacity)."""
+    calls = [_call("a", 0, "A", 64), _call("a", 1, "A", 64), _call("a", 2, "A", 72)]
+    result = simulate(calls, 4, LRU())
+    assert result.per_call_hits == [0, 32, 64]  # past the boundary both blocks are hits
+    assert result.evictions == 0
+
+
+def test_the_blocks_an_output_fills_are_cached_and_freed_before_the_prompts_own():
+    """a's prompt is one full block and 16 tokens; its 20 generated tokens fill that second block (cached, as
+    vLLM caches every full block) and start a third. At its end the filled block is the chain's tail, so LRU
+    evicts it before the prompt's head, which a's next call then hits."""
+    calls = [_call("x", 0, "X", 32), _call("a", 0, "A", 48, output_tokens=20), _call("b", 0, "B", 64),
+             _call("a", 1, "A", 48)]
+    filled = []
+    result = simulate(calls, 3, LRU(), generated=20,
+                      on_generated=lambda i, call, hashes: filled.append((i, len(hashes))))
+    assert filled == [(1, 1)]  # only a's output fills a block (x's and b's single tokens need no KV)
+    assert result.per_call_hits == [0, 0, 0, 32]
+    # x's block for a's decode, the filled block for b's prompt, b's tail for the last block of a's next prompt
+    assert result.evictions == 3
 
 
 def test_a_prefetch_runs_beside_the_running_call_and_is_counted_in_the_prefill():
@@ -322,7 +428,8 @@ def test_a_prefetch_runs_beside_the_running_call_and_is_counted_in_the_prefill()
     plain = simulate(calls, 6, LRU())
     seen = []
     prefetched = simulate(calls, 6, LRU(), prefetch=lambda i: [a_chain] if i == 2 else [], on_prefetch=seen.append)
-    assert plain.per_call_hits[3] < 127 and prefetched.per_call_hits[3] == 127  # (the last token is computed)
+    # Whole blocks, and never the last token: its last block is computed again.
+    assert plain.per_call_hits[3] < 96 and prefetched.per_call_hits[3] == 96
     assert prefetched.prefetches == 1 and seen == [a_chain]
     assert prefetched.prefetch_tokens == 4 * 32
     assert prefetched.computed_tokens == prefetched.prompt_tokens - prefetched.hit_tokens + 4 * 32

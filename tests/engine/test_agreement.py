@@ -1,15 +1,17 @@
 """The block-pool simulator agrees with real vLLM on a real trace (issue: within 3 pp).
 
 A slice of the crewAI trace (short prompts, so they fit the shared test
-engine: 39 usable blocks, 1,024-token context) replayed one call at a time in
-the simulator's order, through the engine's own LRU (no decisions) and through
-CacheSage's eviction scores, next to the simulator's figures for the same
-calls, truncation and capacity.
+engine: 39 usable blocks, 1,024-token context) replayed one call at a time and
+with 4 in flight, in the simulator's order, through the engine's own LRU (no
+decisions) and through CacheSage's eviction scores, next to the simulator's
+figures for the same calls, truncation, capacity, outputs (the bench's 8
+tokens at most) and step budget.
 """
 from __future__ import annotations
 
 import pytest
 
+from evaluation.bench import MAX_OUTPUT_TOKENS
 from evaluation.engine_replay import Arm, PolicyArm, ReplayRun, replay, side_by_side
 from evaluation.simulator import LRU, distinct_blocks, run_cachesage, simulate
 from framework_emitter.replayer import interleave
@@ -32,27 +34,34 @@ def _eviction_only() -> CacheSage:
     return CacheSage(pin_threshold=2.0, prefetch_threshold=2.0)
 
 
-def test_simulator_and_vllm_agree_within_3pp_for_lru_and_cachesage(fresh, crewai_slice):
+@pytest.mark.parametrize("in_flight", [1, 4])
+def test_simulator_and_vllm_agree_within_3pp_for_lru_and_cachesage(fresh, crewai_slice, in_flight):
     llm, scheduler = fresh
     capacity = NUM_BLOCKS - 1  # vLLM keeps one block as its null block
     footprint = distinct_blocks(crewai_slice)
     assert capacity < 0.15 * footprint  # in the pressure band, where eviction order matters
+    budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
 
     def run(arm):
         scheduler.book.clear()
         assert llm.reset_prefix_cache()
         return replay(llm, crewai_slice, arm, workload="crewai", vocab_size=4096, max_prompt_tokens=MAX_PROMPT,
-                      max_output_tokens=1, max_in_flight=1)
+                      max_output_tokens=MAX_OUTPUT_TOKENS, max_in_flight=in_flight)
 
     engine_lru = run(Arm()).hit_rate
     engine_sage = run(PolicyArm(_eviction_only(), name="cachesage")).hit_rate
-    simulated_lru = simulate(crewai_slice, capacity, LRU()).hit_rate
-    simulated_sage = run_cachesage(crewai_slice, capacity, "crewai", policy=_eviction_only()).hit_rate
-    print(f"LRU: engine {engine_lru:.3f} simulator {simulated_lru:.3f}; "
-          f"CacheSage: engine {engine_sage:.3f} simulator {simulated_sage:.3f}")
+    simulated_lru = simulate(crewai_slice, capacity, LRU(), generated=MAX_OUTPUT_TOKENS, in_flight=in_flight,
+                             token_budget=budget).hit_rate
+    simulated_sage = run_cachesage(crewai_slice, capacity, "crewai", policy=_eviction_only(),
+                                   generated=MAX_OUTPUT_TOKENS, in_flight=in_flight).hit_rate
+    print(f"LRU: engine {engine_lru:.4f} simulator {simulated_lru:.4f}; "
+          f"CacheSage: engine {engine_sage:.4f} simulator {simulated_sage:.4f}")
     assert engine_lru > 0.05  # prefixes were actually shared and hit
     assert engine_lru == pytest.approx(simulated_lru, abs=0.03)
     assert engine_sage == pytest.approx(simulated_sage, abs=0.03)
+    # Stock's order depends on nothing but the calls and the scheduler, so the model of its block pool is held
+    # closer than the issue asks (what is left: a recomputed block's copy, dropped here when its call ends).
+    assert engine_lru == pytest.approx(simulated_lru, abs=0.005)
 
 
 def test_the_bench_keeps_every_request_of_a_real_run_in_sql(fresh, crewai_slice, tmp_path):
