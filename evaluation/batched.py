@@ -111,7 +111,7 @@ def run_batched(calls: Sequence[TraceCall], pool: BlockPool, in_flight: int, *, 
         while submitted < len(calls) and len(busy) < in_flight and calls[submitted].session not in busy:
             call = calls[submitted]
             waiting.append(_Request(submitted, call, block_hashes(call.segments, block_size),
-                                    max(1, min(call.output_tokens, generated)) if generated else 1))
+                                    call.generated_tokens(generated) if generated else 1))
             busy.add(call.session)
             submitted += 1
         now = admitted - 1
@@ -134,12 +134,12 @@ def run_batched(calls: Sequence[TraceCall], pool: BlockPool, in_flight: int, *, 
                 position += 1
         while not preempted and waiting and budget > 0 and len(running) < MAX_RUNNING:
             request = waiting[0]
-            keys = [request.key(j) for j in range(request.tokens // block_size)]
-            resident = pool.resident_head(keys)
-            hit = min(resident, max(request.tokens - 1, 0) // block_size)
+            # (keys made as the head is walked: a request that waits long is looked at every step)
+            hit, recomputed = pool.cache_hit((request.key(j) for j in range(request.tokens // block_size)),
+                                             request.tokens, block_size)
             tokens = min(request.tokens - hit * block_size, budget)
             if not grow(request, hit * block_size + tokens, max(now, request.index),
-                        copy_at=hit if resident > hit else -1, force=not running):
+                        copy_at=hit if recomputed else -1, force=not running):
                 break
             waiting.popleft()
             running.append(request)

@@ -4,7 +4,7 @@ block, which blocks are empty, who uses each block and the free cached blocks' e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 
 class EvictionOrder:
@@ -55,13 +55,21 @@ class BlockPool:
         """Blocks an allocation can take: empty ones and free cached ones."""
         return self.empty + len(self.order)
 
-    def resident_head(self, hashes: Sequence[str]) -> int:
+    def resident_head(self, hashes: Iterable[str]) -> int:
         found = 0
         for h in hashes:
             if h not in self.cached:
                 break
             found += 1
         return found
+
+    def cache_hit(self, hashes: Iterable[str], tokens: int, block_size: int) -> tuple[int, int]:
+        """(blocks hit, resident blocks computed again) for a request of ``tokens`` tokens whose full blocks are
+        ``hashes``: as vLLM's ``get_computed_blocks``, a hit is whole blocks and never the last token, so a
+        request cached to its end on a block boundary computes its last block again."""
+        resident = self.resident_head(hashes)
+        hit = min(resident, max(tokens - 1, 0) // block_size)
+        return hit, resident - hit
 
     def take(self, h: str) -> None:
         """A request uses ``h``'s cached block: out of the free queue while anyone does."""

@@ -349,7 +349,7 @@ class ReplayDriver:
                                         previous_agent=before.agent if before else None, at=now)
                 tags = self.emitter.request_tags(call.session, call.agent, call.seq)
             submission = Submission(self.next_index, call, request_id, ids,
-                                    max(1, min(call.output_tokens, self.max_output_tokens)), tags, now)
+                                    call.generated_tokens(self.max_output_tokens), tags, now)
             self.in_flight[request_id] = submission
             self.busy.add(call.session)
             self.previous[call.session] = call

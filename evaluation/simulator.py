@@ -425,12 +425,9 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
     for i, call in enumerate(calls):
         hashes = block_hashes(call.segments, block_size)
         prompt = call.prompt_tokens
-        resident = pool.resident_head(hashes)
-        # vLLM hits whole blocks and always computes the last token, so a prompt resident to its end on a block
-        # boundary computes its last block again, into a block of its own (here a spare, empty once the call
-        # ends; vLLM keeps that copy cached beside the first until one of them is evicted).
-        hit = min(resident, max(prompt - 1, 0) // block_size)
-        recomputed = resident - hit
+        # A last block computed again goes into a block of its own (here a spare, empty once the call ends; vLLM
+        # keeps that copy cached beside the first until one of them is evicted).
+        hit, recomputed = pool.cache_hit(hashes, prompt, block_size)
         hit_tokens = hit * block_size
         unique = list(dict.fromkeys(hashes))
         missing = sum(h not in pool.cached for h in unique)
@@ -443,7 +440,7 @@ def simulate(calls: Sequence[TraceCall], capacity_blocks: int, order: EvictionOr
         held, kv_tokens = unique, prompt
         if generated:
             # The last generated token's KV is never computed: the request stops when it is sampled.
-            kv_tokens = prompt + max(1, min(call.output_tokens, generated)) - 1
+            kv_tokens = prompt + call.generated_tokens(generated) - 1
             pool.allocate(-(-kv_tokens // block_size) - -(-prompt // block_size), i)
             filled = [generated_block(i, j) for j in range(prompt // block_size, kv_tokens // block_size)]
             if filled:

@@ -31,6 +31,11 @@ class TraceCall:
     def prompt_tokens(self) -> int:
         return sum(n for _, n in self.segments)
 
+    def generated_tokens(self, max_tokens: int) -> int:
+        """The tokens an engine that stops at ``max_tokens`` generates for this call: the trace's reply length,
+        at most that, at least one."""
+        return max(1, min(self.output_tokens, max_tokens))
+
     def truncated(self, max_tokens: int) -> "TraceCall":
         """The call with its prompt cut to ``max_tokens`` (as an engine with that context gets it)."""
         if self.prompt_tokens <= max_tokens:
