@@ -87,7 +87,8 @@ def knows_calls_again(calls: Sequence[TraceCall]):  # noqa: ANN201 - a CacheSage
 
 
 def knows_session_timing(calls: Sequence[TraceCall]):  # noqa: ANN201 - a CacheSage
-    """CacheSage told when each running session makes its next call (on the simulator's clock)."""
+    """CacheSage told when each running session makes its next call (exact on the step clock; on the wall clock,
+    the simulator's one at a time)."""
     from policy_workers.cachesage import CacheSage
 
     starts: dict[str, list[int]] = {}
@@ -100,7 +101,10 @@ def knows_session_timing(calls: Sequence[TraceCall]):  # noqa: ANN201 - a CacheS
             later = starts.get(name, ())
             made = len(session.seen)
             if made < len(later):
-                residual = max(CLOCK_START + later[made] + 1 - now, self.config.min_residual)
+                at = later[made] + 1  # on the step clock, call i is the (i + 1)-th step started
+                if self.config.clock == "wall":  # the simulator's clock: one unit per call started, one at a time
+                    at += CLOCK_START
+                residual = max(at - now, self.config.min_residual)
             return residual, interval
 
     return KnowsSessionTiming()

@@ -30,6 +30,7 @@ confident have served enough of what they computed (``calibration``).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections import OrderedDict, deque
@@ -46,14 +47,21 @@ from .policy import Policy, Prediction
 from .reuse import (AGES, CLASSES, REUSE_LAYOUT, ReuseHazard, is_fresh, position_bin, reply_class,
                     reused_class, tail_class)
 from .transitions import TransitionModel
+from .work_clock import make_clock
 
 
 @dataclass
 class CacheSageConfig:
+    """CacheSage's settings. Durations (the ``_s`` fields but ``max_wall_ttl_s``) are on the policy's clock:
+    agent steps started in the workload with ``clock="steps"`` (the default; ``work_clock``), seconds with
+    ``clock="wall"``."""
+
+    clock: str = "steps"  # "steps" or "wall" (work_clock.CLOCKS)
     horizon_s: float = 60.0  # how far ahead reuse counts when the cache is under no pressure
     max_turnover_s: float = 3600.0
     max_lookahead_calls: int = 32
     decision_ttl_s: float = 30.0  # every decision expires; refreshed while still true
+    max_wall_ttl_s: float = 300.0  # wall seconds, any clock: the longest a silent worker's decision holds
     session_idle_expiry_s: float = 900.0  # a session with no event for this long is over
     pin_threshold: float = 0.6  # next-call probability that earns a pin
     pin_ttl_cap_s: float = 30.0
@@ -181,6 +189,7 @@ STEP_S, GAP_S = 0, 1
 
 class _Workload:
     def __init__(self, config: CacheSageConfig) -> None:
+        self.clock = make_clock(config.clock)
         self.model = TransitionModel(config.decay, config.prior_strength)
         self.timing = _AgentTiming()
         self.reuse = ReuseHazard()
@@ -199,7 +208,7 @@ class _Workload:
         self.replies: dict[tuple[str, str], deque] = {}
         # Resident blocks grouped by key (same users => same score): act works per group, not per block.
         self.groups: dict[tuple, set[str]] = {}
-        self.emitted: dict[tuple, tuple[int, float]] = {}  # group key -> (bucket, when) last decided
+        self.emitted: dict[tuple, tuple[int, float, float]] = {}  # group key -> (bucket, when, wall time) last decided
         self.dirty: set[tuple] = set()  # groups that gained blocks since their last decision
         self.removals = (0.0, 0.0)  # decayed count of evicted blocks, when last updated (turnover)
         self.watched_since: float | None = None  # the first event's time: how long the rate has been measured
@@ -208,7 +217,8 @@ class _Workload:
         # (handoff, current agent, agent) -> (model version, P(the agent's first call is at t))
         self.pmf_cache: dict[tuple, tuple] = {}
         self.events_since_act = 0
-        self.last_act = -math.inf
+        self.last_act = -math.inf  # on the policy's clock
+        self.last_act_wall = -math.inf
         self.unpins: list[tuple[str, str, int | None, tuple[str, ...]]] = []  # (session, agent, step, hashes)
         self.interval = 0.0  # EWMA over sessions of call start to the session's next call start
 
@@ -284,6 +294,7 @@ class CacheSage(Policy):
     def __init__(self, config: CacheSageConfig | None = None, **overrides: Any) -> None:
         super().__init__()
         self.config = config or CacheSageConfig(**overrides)
+        make_clock(self.config.clock)  # an unknown clock is an error here, not at the first event
         self._workloads: dict[str, _Workload] = {}
 
     # --- observe --------------------------------------------------------------
@@ -307,6 +318,10 @@ class CacheSage(Policy):
             self.skip("missing_session")
             return
         w = self.workload(event.workload)
+        time = w.clock.event_time(event)
+        if time != event.time:  # on the step clock, a duration in seconds means nothing: it is timed again
+            extra = {"duration_s": None} if isinstance(event, (ev.AgentStepEnd, ev.ToolCallEnd)) else {}
+            event = dataclasses.replace(event, time=time, **extra)
         w.events_since_act += 1
         if w.watched_since is None or event.time < w.watched_since:
             w.watched_since = event.time
@@ -367,6 +382,7 @@ class CacheSage(Policy):
             self.skip("duplicate_step")  # e.g. re-read after a restart
             return
         session.seen.add(step)
+        w.clock.step_started()
         i = w.model.observe_call(event.agent)
         turns = session.calls_by_agent[event.agent] = session.calls_by_agent.get(event.agent, 0) + 1
         if turns >= 2:
@@ -696,6 +712,7 @@ class CacheSage(Policy):
         w = self._workloads.get(workload)
         if w is None:
             return []
+        now = w.clock.now(now)
         self._expire_sessions(w, now)
         out = []
         for name, session in w.sessions.items():
@@ -708,7 +725,7 @@ class CacheSage(Policy):
             i = w.model.index.get(agent)
             gap = w.timing.get(GAP_S, i) if i is not None else 0.0
             since = now - (session.step_ended or session.last_seen)
-            out.append(Prediction(workload, name, agent, probability, max(gap - since, 0.0)))
+            out.append(Prediction(workload, name, agent, probability, w.clock.seconds(max(gap - since, 0.0))))
         return out
 
     # --- score --------------------------------------------------------------------
@@ -870,7 +887,7 @@ class CacheSage(Policy):
         if w is None:
             return {}
         blocks = [(h, b) for h, b in w.blocks.items() if b.resident or not resident_only]
-        key_score = self._group_scorer(w, now, {b.key for _, b in blocks})
+        key_score = self._group_scorer(w, w.clock.now(now), {b.key for _, b in blocks})
         by_key: dict[tuple, float] = {}  # blocks share keys: each (key, born, renewed) scored once
         scores = {}
         for h, b in blocks:
@@ -900,16 +917,22 @@ class CacheSage(Policy):
         return digest.hexdigest()
 
     def act(self, workload: str, now: float) -> list[ev.Decision]:
+        """``now``: the wall time, which decisions are stamped and expire with (whatever the policy's clock)."""
         w = self._workloads.get(workload)
         if w is None:
             return []
-        if not w.events_since_act and now - w.last_act < self.config.decision_ttl_s / 4:
+        t, quarter = w.clock.now(now), self.config.decision_ttl_s / 4
+        if not w.events_since_act and t - w.last_act < quarter and now - w.last_act_wall < self._wall_ttl(w) / 4:
             return []  # nothing new, and every decision in force is far from expiry
-        w.events_since_act, w.last_act = 0, now
-        decisions: list[ev.Decision] = self._eviction_scores(w, workload, now)
-        pins_and_prefetches = self._pins_and_prefetches(w, workload, now)
+        w.events_since_act, w.last_act, w.last_act_wall = 0, t, now
+        decisions: list[ev.Decision] = self._eviction_scores(w, workload, t, now)
+        pins_and_prefetches = self._pins_and_prefetches(w, workload, t, now)
         decisions += self._unpins(w, workload, now)  # before the new pins, which may cover the same blocks
         return decisions + pins_and_prefetches
+
+    def _wall_ttl(self, w: _Workload) -> float:
+        """A decision's life in wall seconds: ``decision_ttl_s`` on the policy's clock, at most ``max_wall_ttl_s``."""
+        return min(w.clock.seconds(self.config.decision_ttl_s), self.config.max_wall_ttl_s)
 
     @staticmethod
     def _release_pin(w: _Workload, name: str | None, session: _Session) -> None:
@@ -929,28 +952,32 @@ class CacheSage(Policy):
             released = tuple(h for h in hashes if h not in held)
             if released:
                 out.append(ev.Unpin(workload=workload, agent=agent, session=name, step=step, time=now,
-                                    policy=self.name, expires_at=now + self.config.decision_ttl_s,
+                                    policy=self.name, expires_at=now + self._wall_ttl(w),
                                     block_hashes=released,
                                     decision_id=self._decision_id("unpin", workload, agent, name, step)))
         w.unpins.clear()
         return out
 
-    def _eviction_scores(self, w: _Workload, workload: str, now: float) -> list[ev.Decision]:
-        """One decision per group whose bucket changed, that gained blocks, or whose last decision is half-way to expiry."""
+    def _eviction_scores(self, w: _Workload, workload: str, t: float, now: float) -> list[ev.Decision]:
+        """One decision per group whose bucket changed, that gained blocks, or whose last decision is half-way to
+        expiry (on the policy's clock, or on the wall clock while no work is done). ``t``: the policy's time,
+        ``now``: the wall's."""
         cfg = self.config
-        key_score = self._group_scorer(w, now, w.groups)
-        top, refresh_after = cfg.score_buckets - 1, cfg.decision_ttl_s / 2
-        expires = now + cfg.decision_ttl_s
+        key_score = self._group_scorer(w, t, w.groups)
+        wall_ttl = self._wall_ttl(w)
+        top, refresh_after, wall_refresh_after = cfg.score_buckets - 1, cfg.decision_ttl_s / 2, wall_ttl / 2
+        expires = now + wall_ttl
         out: list[ev.Decision] = []
         for key, members in w.groups.items():
             owner = _latest_agent(key)
             if owner is None:
                 continue  # unattributed blocks: no agent to key a decision by
-            bucket = min(int(key_score(key, w.born.get(key, now), w.renewed.get(key, now)) * cfg.score_buckets), top)
+            bucket = min(int(key_score(key, w.born.get(key, t), w.renewed.get(key, t)) * cfg.score_buckets), top)
             last = w.emitted.get(key)
-            if last is not None and last[0] == bucket and now - last[1] < refresh_after and key not in w.dirty:
+            if (last is not None and last[0] == bucket and t - last[1] < refresh_after
+                    and now - last[2] < wall_refresh_after and key not in w.dirty):
                 continue
-            w.emitted[key] = (bucket, now)
+            w.emitted[key] = (bucket, t, now)
             hashes = tuple(sorted(members))
             out.append(ev.EvictionScore(
                 workload=workload, agent=owner, time=now, policy=self.name, expires_at=expires, block_hashes=hashes,
@@ -976,9 +1003,10 @@ class CacheSage(Policy):
             kept.append(block_hash)
         return kept
 
-    def _pins_and_prefetches(self, w: _Workload, workload: str, now: float) -> list[ev.Decision]:
+    def _pins_and_prefetches(self, w: _Workload, workload: str, t: float, now: float) -> list[ev.Decision]:
         """Pins for the predicted next agent's resident prefix in every waiting session; prefetches of its
-        missing blocks for the ``prefetch_lead`` waiting sessions due to call soonest."""
+        missing blocks for the ``prefetch_lead`` waiting sessions due to call soonest. ``t``: the policy's
+        time, ``now``: the wall's."""
         cfg = self.config
         out: list[ev.Decision] = []
         if min(cfg.pin_threshold, cfg.prefetch_threshold) > 1.0:
@@ -1014,11 +1042,11 @@ class CacheSage(Policy):
             kept = set(resident)
             missing = [h for h in hashes if h not in kept]
             gap = w.timing.get(GAP_S, i) if i is not None else cfg.default_step_s
-            expires = now + cfg.decision_ttl_s
+            expires = now + self._wall_ttl(w)
             if may_pin and probability >= cfg.pin_threshold and resident:
                 self._release_pin(w, name, session)  # a pin for another agent's call (a handoff named this one)
                 session.pinned = (agent, session.step, tuple(resident))
-                ttl = min(cfg.pin_ttl_cap_s, max(2.0 * gap, 1.0))
+                ttl = min(w.clock.seconds(min(cfg.pin_ttl_cap_s, max(2.0 * gap, 1.0))), cfg.max_wall_ttl_s)
                 out.append(ev.Pin(workload=workload, agent=agent, session=name, step=session.step, time=now,
                                   policy=self.name, expires_at=expires, block_hashes=tuple(resident), ttl_s=ttl,
                                   decision_id=self._decision_id("pin", workload, agent, name, session.step)))
@@ -1030,7 +1058,7 @@ class CacheSage(Policy):
                     out.append(ev.Prefetch(
                         workload=workload, agent=agent, session=name, step=session.step, time=now, policy=self.name,
                         expires_at=expires, block_hashes=tuple(hashes), probability=probability,
-                        expected_at=self._due_at(w, session, cycle),
+                        expected_at=now + w.clock.seconds(self._due_at(w, session, cycle) - t),
                         decision_id=self._decision_id("prefetch", workload, agent, name, session.step)))
                     session.prefetched_step = current
         return out
@@ -1074,7 +1102,8 @@ class CacheSage(Policy):
                 "reuse_packed": w.reuse.arrays[:, :, :n].tolist(), "reuse_layout": REUSE_LAYOUT,
                 "typical_reply": w.reuse.typical_reply[:n].tolist(), "turns": w.turns.to_state(),
                 "spread": w.spread.to_state(), "spread_by_agent": w.spread_by_agent.to_state(),
-                "prefetch_calibration": w.calibration.to_state(), "sessions": sessions}
+                "prefetch_calibration": w.calibration.to_state(), "sessions": sessions,
+                "clock": {"kind": w.clock.kind, "steps": getattr(w.clock, "steps", 0)}}
 
     def forget(self, workloads: Iterable[str]) -> None:
         for name in workloads:
@@ -1084,7 +1113,11 @@ class CacheSage(Policy):
         for name, saved in state.items():
             w = self._workloads[name] = _Workload(self.config)
             w.model = TransitionModel.from_state(saved["model"])
-            if saved.get("timing") is not None:  # left out where its clock is not this one's (a simulated run)
+            clock = saved.get("clock") or {"kind": "wall"}  # states saved before there was a choice: wall
+            same_clock = clock["kind"] == w.clock.kind
+            if same_clock:
+                w.clock = make_clock(clock["kind"], int(clock.get("steps", 0)))
+            if saved.get("timing") is not None and same_clock:  # left out where its clock is not this one's
                 rows = _AgentTiming.ROWS  # an older state's extra rows (per-agent call rates, unused) are dropped
                 timing = np.asarray(saved["timing"], dtype=np.float32)[:rows].reshape(rows, -1)
                 w.timing.arrays = np.zeros((rows, max(8, timing.shape[1])), dtype=np.float32)
@@ -1105,12 +1138,18 @@ class CacheSage(Policy):
                 typical = np.asarray(saved.get("typical_reply", []), dtype=np.float16)
                 w.reuse.typical_reply = np.zeros(max(8, len(typical)), dtype=np.float16)
                 w.reuse.typical_reply[: len(typical)] = typical
+            restart = w.clock.now(0.0)  # sessions timed on another clock: retimed to its start (wall: they expire)
+
+            def retimed(time: float | None) -> float | None:
+                return time if same_clock or time is None else restart
+
             for session_name, st in saved.get("sessions", {}).items():
                 session = w.sessions[session_name] = _Session(
-                    latest=st["latest"], last_seen=st["last_seen"], in_tool=st["in_tool"], handoff_to=st["handoff_to"],
-                    seen=set(st["seen"]), ended=st["ended"], calls_by_agent=dict(st.get("calls_by_agent", {})))
+                    latest=st["latest"], last_seen=retimed(st["last_seen"]), in_tool=st["in_tool"],
+                    handoff_to=st["handoff_to"], seen=set(st["seen"]), ended=st["ended"],
+                    calls_by_agent=dict(st.get("calls_by_agent", {})))
                 for step, agent, started, ended, learned_in in st["steps"]:
-                    session.steps[int(step)] = _Step(agent, started, ended, learned_in)
+                    session.steps[int(step)] = _Step(agent, retimed(started), retimed(ended), learned_in)
                 for agent, (request, hashes) in st.get("prefixes", {}).items():
                     w.prefix_of[(agent, session_name)] = (request, list(hashes))
 

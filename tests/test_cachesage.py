@@ -301,7 +301,7 @@ def test_a_shared_prefix_whose_sessions_stopped_coming_is_worth_less_than_one_st
 
 
 def test_act_emits_valid_idempotent_decisions_pins_and_prefetches():
-    sage = CacheSage(horizon_s=30.0, pin_threshold=0.5, prefetch_threshold=0.5)
+    sage = CacheSage(horizon_s=30.0, pin_threshold=0.5, prefetch_threshold=0.5, clock="wall")
     for k in range(20):
         _run_session(sage, f"old-{k}", ["planner", "worker"] * 3, start=k * 100.0)
     now = _run_session(sage, "live", ["planner", "worker"], start=4000.0,
@@ -403,7 +403,7 @@ def test_the_agent_the_framework_names_next_is_held_for_although_its_turns_say_i
 def test_prefetch_only_for_the_sessions_due_to_call_soonest():
     """Three sessions wait with the planner's prefix evicted; served in turn, the one whose latest call started
     first calls next. A prefetch far ahead of its call would be evicted again before the call comes."""
-    sage = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5, prefetch_lead=1)
+    sage = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5, prefetch_lead=1, clock="wall")
     for k in range(20):
         _run_session(sage, f"old-{k}", ["planner", "worker"] * 3, start=k * 100.0)
     for name, start in (("late", 5001.0), ("first", 5000.0), ("middle", 5000.5)):
@@ -434,7 +434,7 @@ def test_unusable_events_are_counted_not_raised():
 
 
 def test_sessions_that_never_end_expire():
-    sage = CacheSage(session_idle_expiry_s=60.0)
+    sage = CacheSage(session_idle_expiry_s=60.0, clock="wall")
     _run_session(sage, "forgotten", ["a", "b"], start=1e9)
     assert len(sage.predict("w", 1e9 + 10)) == 1
     assert sage.predict("w", 1e9 + 1000) == []
@@ -670,7 +670,7 @@ def test_blocks_their_users_forgot_or_never_reuse_score_zero_and_the_system_prom
 
 
 def test_turnover_follows_the_engine_eviction_rate():
-    sage = CacheSage(rate_window_s=100.0)
+    sage = CacheSage(rate_window_s=100.0, clock="wall")
     _prompt(sage, "s", "coder", 0, [f"b{i}" for i in range(100)], 0.0)
     for k in range(50):  # 2 blocks evicted per second for 50 s
         sage.observe(ev.KvBlocksRemoved(workload="w", agent="coder", time=1.0 + k,
@@ -767,7 +767,7 @@ def test_what_a_prefetch_would_have_served_is_learned_and_decides_the_next():
     """Each prefetch considered is scored by the session's next prompt (issued or not): the share of its
     blocks that prompt read, by the prediction's probability. A prefetch is made when predictions that
     confident have served at least the threshold, not when the probability alone reaches it."""
-    sage = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5)
+    sage = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5, clock="wall")
     now = _waiting_for_the_planner(sage)
     prefetch = [d for d in sage.act("w", now + 1) if isinstance(d, ev.Prefetch)]
     assert len(prefetch) == 1
@@ -780,7 +780,7 @@ def test_what_a_prefetch_would_have_served_is_learned_and_decides_the_next():
     assert added[calibration._bin(probability)].tolist() == pytest.approx([0.5, 1.0])
 
     # Where predictions this confident have served little, the same prefetch is not made, but still scored.
-    doubtful = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5)
+    doubtful = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5, clock="wall")
     now = _waiting_for_the_planner(doubtful)
     for _ in range(30):
         doubtful.workload("w").calibration.observe(probability, 0.1)
@@ -795,7 +795,7 @@ def test_what_a_prefetch_would_have_served_is_learned_and_decides_the_next():
 def test_a_prefetch_that_ran_learns_how_much_of_it_was_still_cached_when_read():
     """The prefetch ran (its KV event came back), then one of its two blocks was evicted before the call:
     the next prompt read both, one was still there."""
-    sage = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5)
+    sage = CacheSage(pin_threshold=2.0, prefetch_threshold=0.5, clock="wall")
     now = _waiting_for_the_planner(sage)
     assert [d for d in sage.act("w", now + 1) if isinstance(d, ev.Prefetch)]
     sage.observe(ev.KvBlocksStored(workload="w", agent="planner", session="live", time=now + 1.5,

@@ -271,7 +271,8 @@ def test_an_oracle_fact_added_to_cachesage_helps_only_where_the_workload_has_it(
 
 def test_knowing_which_agents_call_again_closes_most_of_ag2s_gap():
     """evaluation.ablation's "calls again": the truth in place of P(an agent calls again in its session)
-    (session 11: 49% -> 86% of the gap with 8 in flight in the bench's setting)."""
+    (session 11: 49% -> 86% of the gap with 8 in flight in the bench's setting). Here, cold: it closes at
+    least 40% of what CacheSage leaves (47% on the step clock)."""
     from evaluation.ablation import knows_calls_again
     from evaluation.bench import CALLS, PRESSURE, setting
 
@@ -280,12 +281,12 @@ def test_knowing_which_agents_call_again_closes_most_of_ag2s_gap():
     plain = run_cachesage(calls, capacity, "ag2_captainagent", in_flight=8).hit_rate
     knowing = run_cachesage(calls, capacity, "ag2_captainagent", in_flight=8, policy=knows_calls_again(calls)).hit_rate
     belady = simulate(calls, capacity, Belady.for_calls(calls), in_flight=8).hit_rate
-    assert plain + 0.02 < knowing <= belady + 0.005
+    assert plain + 0.4 * (belady - plain) < knowing <= belady + 0.005
 
 
 def test_knowing_when_sessions_call_changes_decisions_but_is_worth_little():
     """evaluation.ablation's "session timing": the truth in place of each session's learned time to its next
-    call changes what CacheSage keeps, and its hit rate by under a point (session 11: -4 to +4 points of the
+    call changes what CacheSage decides, and its hit rate by under a point (session 11: -4 to +4 points of the
     gap on the five workloads, either load)."""
     from evaluation.ablation import knows_session_timing
     from evaluation.bench import CALLS, PRESSURE, WARM_CALLS, held_out, setting
@@ -298,10 +299,19 @@ def test_knowing_when_sessions_call_changes_decisions_but_is_worth_little():
 
     def warm(policy: CacheSage):  # noqa: ANN202 - as the bench's cachesage arm
         policy.load_state(state)
-        return run_cachesage(calls, capacity, workload, in_flight=8, policy=policy)
+        decided = []
+        act = policy.act
 
-    plain, knowing = warm(CacheSage()), warm(knows_session_timing(calls))
-    assert plain.per_call_hits != knowing.per_call_hits
+        def recorded(workload: str, now: float):  # noqa: ANN202
+            out = act(workload, now)
+            decided.extend((type(d).__name__, d.block_hashes, getattr(d, "score", None)) for d in out)
+            return out
+
+        policy.act = recorded
+        return run_cachesage(calls, capacity, workload, in_flight=8, policy=policy), decided
+
+    (plain, plain_decided), (knowing, knowing_decided) = warm(CacheSage()), warm(knows_session_timing(calls))
+    assert plain_decided != knowing_decided
     assert abs(plain.hit_rate - knowing.hit_rate) < 0.01
 
 
