@@ -68,6 +68,9 @@ class StepClock:
     ``n + 0.6``. So a step's duration and the gap after it are fractions of a
     step, and a session's call interval is the number of steps the workload
     ran meanwhile: the work its cached blocks must survive.
+
+    A workload whose framework sends no step starts (the engine's events only)
+    is counted by its requests instead: a request's first store starts a step.
     """
 
     kind = "steps"
@@ -79,11 +82,18 @@ class StepClock:
         self.default_step_s = default_step_s
         self._starts: deque[float] = deque(maxlen=self.WINDOW)  # wall times of the latest step starts
         self._start_wall = 0.0  # the wall time of the step start last timed
+        self._framework_steps = False  # whether the workload's framework sends step starts
 
     def event_time(self, event: ev.Event) -> float:
         if isinstance(event, ev.AgentStepStart):
+            self._framework_steps = True
             self._start_wall = event.time
             return float(self.steps + 1)  # the step it starts (``step_started`` counts it, unless a duplicate)
+        if (not self._framework_steps and isinstance(event, ev.KvBlocksStored) and event.start_index == 0
+                and not event.prefetch):
+            self._start_wall = event.time
+            self.step_started()
+            return self.steps + self.ENGINE
         return self.steps + (self.ENGINE if isinstance(event, ev.EngineEvent) else self.FRAMEWORK)
 
     def step_started(self) -> None:

@@ -45,6 +45,25 @@ def test_events_are_timed_by_their_place_in_the_workloads_steps():
         CacheSage(clock="sundial")
 
 
+def test_without_the_frameworks_step_starts_a_requests_first_store_starts_a_step():
+    clock = StepClock()
+    for k in range(3):
+        first = ev.KvBlocksStored(workload="w", agent="a", session="s", time=10.0 + k, request=f"r{k}",
+                                  block_hashes=("x", "y"), block_size=32)
+        assert clock.event_time(first) == k + 1.25
+        more = dataclasses.replace(first, block_hashes=("z",), start_index=2)  # the same request's output
+        assert clock.event_time(more) == k + 1.25
+    fetched = dataclasses.replace(first, request="prefetch", prefetch=True)  # the policy's own: no step
+    assert clock.event_time(fetched) == 3.25 and clock.seconds(2.0) == pytest.approx(2.0)  # 1 s per step
+
+    framed = StepClock()  # once the framework's step starts come, they alone count
+    start = ev.AgentStepStart(workload="w", agent="a", time=1.0, session="s", step=0, prefix_fingerprint="f",
+                              prefix_tokens=0)
+    framed.event_time(start)
+    framed.step_started()
+    assert framed.event_time(dataclasses.replace(first, time=1.1)) == 1.25 and framed.steps == 1
+
+
 def test_a_duplicate_step_start_does_not_advance_the_clock():
     sage = CacheSage()
     _step(sage, "s", "a", 0, 10.0)
