@@ -30,7 +30,6 @@ confident have served enough of what they computed (``calibration``).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 from collections import OrderedDict, deque
@@ -318,27 +317,24 @@ class CacheSage(Policy):
             self.skip("missing_session")
             return
         w = self.workload(event.workload)
-        time = w.clock.event_time(event)
-        if time != event.time:  # on the step clock, a duration in seconds means nothing: it is timed again
-            extra = {"duration_s": None} if isinstance(event, (ev.AgentStepEnd, ev.ToolCallEnd)) else {}
-            event = dataclasses.replace(event, time=time, **extra)
+        t = w.clock.event_time(event)  # the event's time on the policy's clock: what handlers time it by
         w.events_since_act += 1
-        if w.watched_since is None or event.time < w.watched_since:
-            w.watched_since = event.time
-        handler(self, w, event)
+        if w.watched_since is None or t < w.watched_since:
+            w.watched_since = t
+        handler(self, w, event, t)
 
-    def _session(self, w: _Workload, event: ev.Event) -> _Session:
+    def _session(self, w: _Workload, event: ev.Event, t: float) -> _Session:
         session = w.sessions.get(event.session)
         if session is None:
             session = w.sessions[event.session] = _Session()
-        session.last_seen = max(session.last_seen, event.time)
+        session.last_seen = max(session.last_seen, t)
         return session
 
-    def _on_session_start(self, w: _Workload, event: ev.SessionStart) -> None:
-        self._session(w, event)
+    def _on_session_start(self, w: _Workload, event: ev.SessionStart, t: float) -> None:
+        self._session(w, event, t)
 
-    def _on_session_end(self, w: _Workload, event: ev.SessionEnd) -> None:
-        session = self._session(w, event)
+    def _on_session_end(self, w: _Workload, event: ev.SessionEnd, t: float) -> None:
+        session = self._session(w, event, t)
         if not session.ended:  # every agent's last call in the session was its last
             for agent, turns in session.calls_by_agent.items():
                 w.turns.observe_stopped(turns, w.model.agent_id(agent) + 1)
@@ -375,8 +371,8 @@ class CacheSage(Policy):
         # A stop was counted when its last session ended: a late session revives it.
         w.observe_spread(key, max(key[-2], len(sessions)), "revived" if w.all_ended(sessions) else "continued")
 
-    def _on_step_start(self, w: _Workload, event: ev.AgentStepStart) -> None:
-        session = self._session(w, event)
+    def _on_step_start(self, w: _Workload, event: ev.AgentStepStart, t: float) -> None:
+        session = self._session(w, event, t)
         step = event.step if event.step is not None else session.latest + 1
         if step in session.seen or len(session.seen) >= MAX_STEPS_SEEN:
             self.skip("duplicate_step")  # e.g. re-read after a restart
@@ -393,7 +389,7 @@ class CacheSage(Policy):
             elif step > 0:  # a first step has no transition into it
                 self.skip("transition_lost_without_previous_agent")
             return
-        session.steps[step] = _Step(event.agent, event.time, learned_in=event.previous_agent is not None,
+        session.steps[step] = _Step(event.agent, t, learned_in=event.previous_agent is not None,
                                     prefix_tokens=event.prefix_tokens)
         before, after = session.steps.get(step - 1), session.steps.get(step + 1)
         # Learn each transition exactly once: from the event's own previous_agent when the
@@ -403,9 +399,9 @@ class CacheSage(Policy):
         elif before is not None:
             w.model.observe(before.agent, event.agent)
         if before is not None and before.ended is not None:
-            w.timing.update(GAP_S, i, max(event.time - before.ended, 0.0))
+            w.timing.update(GAP_S, i, max(t - before.ended, 0.0))
         if before is not None and step > session.latest:
-            gap = max(event.time - before.started, 0.0)
+            gap = max(t - before.started, 0.0)
             session.interval = gap if not session.interval else 0.7 * session.interval + 0.3 * gap
             w.interval = gap if not w.interval else 0.95 * w.interval + 0.05 * gap
         if after is not None and not after.learned_in:
@@ -417,8 +413,8 @@ class CacheSage(Policy):
         while len(session.steps) > MAX_STEPS_KEPT:
             session.steps.pop(min(session.steps))
 
-    def _on_step_end(self, w: _Workload, event: ev.AgentStepEnd) -> None:
-        session = self._session(w, event)
+    def _on_step_end(self, w: _Workload, event: ev.AgentStepEnd, t: float) -> None:
+        session = self._session(w, event, t)
         step = event.step if event.step is not None else session.latest
         current = session.steps.get(step)
         if current is None or current.agent != event.agent:
@@ -427,8 +423,10 @@ class CacheSage(Policy):
             else:
                 self.skip("duplicate_step_end" if step in session.seen and current is None else "step_end_without_start")
             return
-        current.ended = event.time
-        duration = event.duration_s if event.duration_s is not None else event.time - current.started
+        current.ended = t
+        # A duration the framework measured is in seconds: it stands only on the wall clock.
+        measured = event.duration_s if w.clock.kind == "wall" else None
+        duration = measured if measured is not None else t - current.started
         i = w.model.agent_id(event.agent)
         w.timing.update(STEP_S, i, max(duration, 0.0))
         replies = w.replies.get((event.agent, event.session))
@@ -436,20 +434,20 @@ class CacheSage(Policy):
             replies[0] = w.reuse.long_reply(i, event.output_tokens)
         after = session.steps.get(step + 1)
         if after is not None:
-            w.timing.update(GAP_S, w.model.agent_id(after.agent), max(after.started - event.time, 0.0))
+            w.timing.update(GAP_S, w.model.agent_id(after.agent), max(after.started - t, 0.0))
 
-    def _on_handoff(self, w: _Workload, event: ev.Handoff) -> None:
-        session = self._session(w, event)
+    def _on_handoff(self, w: _Workload, event: ev.Handoff, t: float) -> None:
+        session = self._session(w, event, t)
         if event.step is not None and event.step <= session.latest:
             self.skip("handoff_after_its_step")  # the named step started first (another partition ran ahead)
             return
         session.handoff_to = event.to_agent
 
-    def _on_tool_start(self, w: _Workload, event: ev.ToolCallStart) -> None:
-        self._session(w, event).in_tool = True
+    def _on_tool_start(self, w: _Workload, event: ev.ToolCallStart, t: float) -> None:
+        self._session(w, event, t).in_tool = True
 
-    def _on_tool_end(self, w: _Workload, event: ev.ToolCallEnd) -> None:
-        self._session(w, event).in_tool = False
+    def _on_tool_end(self, w: _Workload, event: ev.ToolCallEnd, t: float) -> None:
+        self._session(w, event, t).in_tool = False
 
     def _with_user(self, key: tuple, user: tuple[str, str]) -> tuple:
         """``user`` has the block in its latest prompt (age 0)."""
@@ -495,9 +493,9 @@ class CacheSage(Policy):
         for (old, new), moved in moves.items():
             w.regroup(moved, old, new)
 
-    def _on_blocks_stored(self, w: _Workload, event: ev.KvBlocksStored) -> None:
+    def _on_blocks_stored(self, w: _Workload, event: ev.KvBlocksStored, t: float) -> None:
         if event.prefetch:
-            self._on_prefetched(w, event)
+            self._on_prefetched(w, event, t)
             return
         if event.start_index == 0 and event.session:  # a request's first store: its whole chain
             self._score_considered(w, event)
@@ -509,7 +507,7 @@ class CacheSage(Policy):
         for position, block_hash in enumerate(event.block_hashes, start=event.start_index):
             block = w.blocks.get(block_hash)
             if block is None:
-                block = w.blocks[block_hash] = _Block.new(tail_class(position, newest_from), event.time, event.request)
+                block = w.blocks[block_hash] = _Block.new(tail_class(position, newest_from), t, event.request)
             else:
                 w.blocks.move_to_end(block_hash)
             old = block.key
@@ -520,7 +518,7 @@ class CacheSage(Policy):
                     self._spread(w, old, user[1])
                     new = new_keys[old] = self._with_user(old, user)
                 if new[-2] > old[-2]:  # a session new to the block
-                    block.renewed = event.time
+                    block.renewed = t
             if block.request != event.request and is_fresh(new[-1]):  # a second prompt uses it
                 classes_before[block_hash] = new[-1]
                 new = (*new[:-1], reused_class(new[-1]))
@@ -563,7 +561,7 @@ class CacheSage(Policy):
             if block.resident:
                 w.ungroup(block_hash, block)
 
-    def _on_prefetched(self, w: _Workload, event: ev.KvBlocksStored) -> None:
+    def _on_prefetched(self, w: _Workload, event: ev.KvBlocksStored, t: float) -> None:
         """A prefetch recomputed these blocks: resident again as they were known. No prompt read them, so
         nobody's prompt ages, nothing is learned about reuse and the blocks' users stay as they were."""
         session = w.sessions.get(event.session) if event.session else None
@@ -574,7 +572,7 @@ class CacheSage(Policy):
         for position, block_hash in enumerate(event.block_hashes, start=event.start_index):
             block = w.blocks.get(block_hash)
             if block is None:
-                block = w.blocks[block_hash] = _Block.new(tail_class(position, math.inf), event.time)
+                block = w.blocks[block_hash] = _Block.new(tail_class(position, math.inf), t)
             else:
                 w.blocks.move_to_end(block_hash)
             if not block.resident:
@@ -616,17 +614,17 @@ class CacheSage(Policy):
         while len(earlier) > AGES - 1:
             earlier.popleft()
 
-    def _on_blocks_removed(self, w: _Workload, event: ev.KvBlocksRemoved) -> None:
+    def _on_blocks_removed(self, w: _Workload, event: ev.KvBlocksRemoved, t: float) -> None:
         count, at = w.removals
-        decayed = count * math.exp(-max(event.time - at, 0.0) / self.config.rate_window_s) if at else 0.0
-        w.removals = (decayed + len(event.block_hashes), max(event.time, at))
+        decayed = count * math.exp(-max(t - at, 0.0) / self.config.rate_window_s) if at else 0.0
+        w.removals = (decayed + len(event.block_hashes), max(t, at))
         for block_hash in event.block_hashes:
             block = w.blocks.get(block_hash)
             if block is not None and block.resident:
                 block.resident = False
                 w.ungroup(block_hash, block)
 
-    def _on_all_cleared(self, w: _Workload, event: ev.KvAllBlocksCleared) -> None:
+    def _on_all_cleared(self, w: _Workload, event: ev.KvAllBlocksCleared, t: float) -> None:
         for block in w.blocks.values():
             block.resident = False
         w.groups.clear(), w.emitted.clear(), w.dirty.clear(), w.born.clear(), w.renewed.clear()
@@ -1014,6 +1012,7 @@ class CacheSage(Policy):
         waiting = [(name, session) for name, session in w.sessions.items() if not session.ended and (
             session.in_tool or session.step_ended is not None or session.handoff_to is not None)]
         cycle = self._mean_cycle_s(w)
+        expires = now + self._wall_ttl(w)
         due_soonest = {name for name, _ in sorted(waiting, key=lambda item: self._due_at(w, item[1], cycle))[
             :max(cfg.prefetch_lead, 0)]}
         for name, session in waiting:
@@ -1042,7 +1041,6 @@ class CacheSage(Policy):
             kept = set(resident)
             missing = [h for h in hashes if h not in kept]
             gap = w.timing.get(GAP_S, i) if i is not None else cfg.default_step_s
-            expires = now + self._wall_ttl(w)
             if may_pin and probability >= cfg.pin_threshold and resident:
                 self._release_pin(w, name, session)  # a pin for another agent's call (a handoff named this one)
                 session.pinned = (agent, session.step, tuple(resident))
