@@ -364,16 +364,18 @@ def held_out(workload: str, replayed: Container[str], calls: int, max_prompt_tok
 
 
 def warm_state(workload: str, replayed: Container[str], capacity: int, in_flight: int, calls: int = WARM_CALLS,
-               max_prompt_tokens: int = 4032, announce: bool = True) -> tuple[dict, int]:
-    """What the bench's ``cachesage`` arm starts from: CacheSage's state learned in the simulator (at this
-    capacity and load) from up to ``calls`` calls of the workload's other sessions ({} when there are none),
+               max_prompt_tokens: int = 4032, announce: bool = True,
+               overrides: dict | None = None) -> tuple[dict, int]:
+    """What the bench's ``cachesage`` arm starts from: CacheSage's state (with these CacheSageConfig
+    ``overrides``) learned in the simulator (at this capacity and load) from up to ``calls`` calls of the workload's other sessions ({} when there are none),
     and how many calls that was."""
     from .simulator import learned_state
 
     history = held_out(workload, replayed, calls, max_prompt_tokens)
     if not history:
         return {}, 0
-    return learned_state(history, capacity, workload, in_flight=in_flight, announce=announce), len(history)
+    return (learned_state(history, capacity, workload, in_flight=in_flight, announce=announce, overrides=overrides),
+            len(history))
 
 
 def bench_window(workload: str, sized_for: int, calls: int | None = None) -> tuple[dict, list, int]:
@@ -435,7 +437,7 @@ def run_workload(workload: str, args: argparse.Namespace, model: str, vocab: int
              if sized_for != args.max_in_flight else ""), flush=True)
     k = args.max_in_flight
     warm, setup["warm_calls"] = warm_state(workload, chosen, capacity, k, args.warm_calls, args.max_prompt_tokens,
-                                           args.announce)
+                                           args.announce, args.cachesage)
     print(f"CacheSage's state learned from {setup['warm_calls']} calls of {workload}'s other sessions (simulated, the "
           f"replayed sessions excluded); cachesage-cold starts from nothing", flush=True)
 

@@ -650,14 +650,15 @@ def run_cachesage(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
 
 
 def learned_state(calls: Sequence[TraceCall], capacity_blocks: int, workload: str, *, in_flight: int = 1,
-                  block_size: int = 32, announce: bool = True, generated: int = 0) -> dict:
-    """What CacheSage learns about a workload from ``calls`` (run through the simulator at this capacity), as
-    a worker persists it: transitions, reuse by age, agents' turns. Timing is left out (learned on the step
+                  block_size: int = 32, announce: bool = True, generated: int = 0,
+                  overrides: dict | None = None) -> dict:
+    """What CacheSage (with these CacheSageConfig ``overrides``) learns about a workload from ``calls`` (run
+    through the simulator at this capacity), as a worker persists it: transitions, reuse by age, agents' turns. Timing is left out (learned on the step
     clock it is in the engine's units, but keeping it was mixed within 0.3 pp in session 30), and so are the
     sessions (all ended)."""
     from policy_workers.cachesage import CacheSage
 
-    sage = CacheSage()
+    sage = CacheSage(**(overrides or {}))
     run_cachesage(calls, capacity_blocks, workload, block_size=block_size, policy=sage, in_flight=in_flight,
                   announce=announce, generated=generated)
     state = sage.to_state([workload])

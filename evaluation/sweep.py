@@ -3,7 +3,7 @@
     .venv/bin/python -m evaluation.sweep [--workloads chatdev tau_airline ...] [--fractions 0.05 0.10]
     .venv/bin/python -m evaluation.sweep --engine-setting [--calls N] [--in-flight 8]
     .venv/bin/python -m evaluation.sweep --engine-setting --prefetch [--cachesage prefetch_threshold=0.4]
-    .venv/bin/python -m evaluation.sweep --grid [--workloads crewai ag2_captainagent]
+    .venv/bin/python -m evaluation.sweep --grid [--workloads crewai ag2_captainagent] [--cachesage min_residual=0.1]
 
 Capacity = a fraction of the workload's distinct full prompt blocks (block size 32); calls in
 the order of 16 interleaved sessions. Policies: LRU (stock vLLM); TTL pinning, Continuum-like
@@ -47,18 +47,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --engine-setting: one at a time, warm CacheSage's scores alone and with its "
                              "prefetches (hit rate, prefill computed vs LRU's, prefetches run)")
     parser.add_argument("--cachesage", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --prefetch: a CacheSageConfig setting (repeatable)")
+                        help="with --prefetch or --grid: a CacheSageConfig setting (repeatable)")
     parser.add_argument("--no-announce", dest="announce", action="store_false",
                         help="with --engine-setting: the framework does not name a session's next agent when the "
                              "step before ends (as the bench's --no-announce)")
     args = parser.parse_args(argv)
-    if args.grid:
-        return grid(args.workloads, args.jobs)
-    if args.engine_setting and args.prefetch:
-        from .bench import config_overrides
+    from .bench import config_overrides
 
+    overrides = config_overrides(parser, args.cachesage)
+    if args.grid:
+        return grid(args.workloads, args.jobs, overrides)
+    if args.engine_setting and args.prefetch:
         return prefetch_setting(args.workloads, dict(c.split("=") for c in args.capacity), args.calls,
-                                config_overrides(parser, args.cachesage), args.announce)
+                                overrides, args.announce)
     if args.engine_setting:
         return engine_setting(args.workloads, args.in_flight, dict(c.split("=") for c in args.capacity), args.calls,
                               args.announce)
@@ -141,7 +142,7 @@ def prefetch_setting(workloads: list[str], capacities: dict[str, str], calls: in
     print("|---|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
         chosen, sim_calls, capacity = _bench_window(workload, calls, 8, capacities)
-        state = warm_state(workload, chosen, capacity, 1, announce=announce)[0]
+        state = warm_state(workload, chosen, capacity, 1, announce=announce, overrides=overrides)[0]
         lru = simulate(sim_calls, capacity, LRU(), generated=generated)
         belady = simulate(sim_calls, capacity, Belady.for_calls(sim_calls), generated=generated)
         # A prefetch recomputes what a session's earlier prompt held, so no prefetch serves a block an
@@ -173,8 +174,10 @@ def grid_calls(workload: str) -> tuple[int, int]:
     return (CALLS[workload], 1000) if workload == "crewai" else (CALLS[workload], 2 * CALLS[workload])
 
 
-def grid_point(workload: str, calls: int, scale: float, in_flight: int) -> tuple[float, float, float, int]:
-    """(LRU, warm CacheSage, Belady, capacity) at one setting of the grid."""
+def grid_point(workload: str, calls: int, scale: float, in_flight: int,
+               overrides: dict | None = None) -> tuple[float, float, float, int]:
+    """(LRU, warm CacheSage with these CacheSageConfig ``overrides``, Belady, capacity) at one setting of the
+    grid."""
     from policy_workers.cachesage import CacheSage
 
     from .bench import MAX_OUTPUT_TOKENS as generated
@@ -182,8 +185,8 @@ def grid_point(workload: str, calls: int, scale: float, in_flight: int) -> tuple
 
     chosen, sim_calls, capacity = _bench_window(workload, calls, 8, {})
     capacity = int(capacity * scale)
-    warm = CacheSage()
-    warm.load_state(warm_state(workload, chosen, capacity, in_flight)[0])
+    warm = CacheSage(**(overrides or {}))
+    warm.load_state(warm_state(workload, chosen, capacity, in_flight, overrides=overrides)[0])
     lru = simulate(sim_calls, capacity, LRU(), in_flight=in_flight, generated=generated).hit_rate
     sage = run_cachesage(sim_calls, capacity, workload, in_flight=in_flight, policy=warm, generated=generated).hit_rate
     belady = simulate(sim_calls, capacity, Belady(block_uses(sim_calls), block_depths(sim_calls)),
@@ -191,7 +194,7 @@ def grid_point(workload: str, calls: int, scale: float, in_flight: int) -> tuple
     return lru, sage, belady, capacity
 
 
-def grid(workloads: list[str], jobs: int = 2) -> int:
+def grid(workloads: list[str], jobs: int = 2, overrides: dict | None = None) -> int:
     """Warm CacheSage's share of the LRU->Belady gap at 12 settings per workload (two windows, 0.75/1/1.5 x the
     bench's capacity, 1 and 8 in flight) and its mean over the settings with a gap of at least 0.5 pp: one
     window and one capacity move a share by several points by chance."""
@@ -200,7 +203,7 @@ def grid(workloads: list[str], jobs: int = 2) -> int:
 
     points = [(w, c, s, k) for w in workloads for c, s, k in product(grid_calls(w), GRID_SCALES, GRID_IN_FLIGHT)]
     with ProcessPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        results = list(pool.map(grid_point, *zip(*points)))
+        results = list(pool.map(grid_point, *zip(*points), [overrides] * len(points)))
     print("| workload | calls | capacity (blocks) | in flight | LRU | CacheSage warm | Belady | share of the gap |")
     print("|---|---|---|---|---|---|---|---|")
     shares: dict[str, list[float]] = {w: [] for w in workloads}

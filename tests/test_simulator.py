@@ -168,6 +168,10 @@ def test_a_warm_state_comes_only_from_sessions_the_replay_does_not_send_and_load
     assert w.turns.counts.sum() > 0 and w.reuse.arrays.any()
     assert not w.timing.arrays.any()
     assert run_cachesage([c.truncated(4032) for c in order], 400, "ag2_captainagent", policy=warm).calls == len(order)
+    assert saved["clock"]["kind"] == "steps"
+    # learned with the settings the bench's arm runs with (its --cachesage), not the defaults
+    assert learned_state(history, 400, "ag2_captainagent", overrides={"clock": "wall"})[
+        "ag2_captainagent"]["clock"]["kind"] == "wall"
 
 
 def test_belady_breaks_ties_within_a_chain_tail_first():
