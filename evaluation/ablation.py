@@ -96,12 +96,18 @@ def knows_session_timing(calls: Sequence[TraceCall]):  # noqa: ANN201 - a CacheS
         starts.setdefault(call.session, []).append(i)
 
     class KnowsSessionTiming(CacheSage):
+        def load_state(self, state):  # noqa: ANN001, ANN202
+            super().load_state(state)
+            # A warm state's step clock goes on counting from the steps it learned over
+            self.steps_before = {id(w): getattr(w.clock, "steps", 0) for w in self._workloads.values()}
+
         def _session_timing(self, w, name, session, now, cycle):  # noqa: ANN001, ANN202
             residual, interval = super()._session_timing(w, name, session, now, cycle)
             later = starts.get(name, ())
             made = len(session.seen)
             if made < len(later):
-                at = later[made] + 1  # on the step clock, call i is the (i + 1)-th step started
+                # on the step clock, call i is the (i + 1)-th step started in the run
+                at = later[made] + 1 + getattr(self, "steps_before", {}).get(id(w), 0)
                 if self.config.clock == "wall":  # the simulator's clock: one unit per call started, one at a time
                     at += CLOCK_START
                 residual = max(at - now, self.config.min_residual)

@@ -291,7 +291,8 @@ def test_knowing_which_agents_call_again_closes_most_of_ag2s_gap():
 def test_knowing_when_sessions_call_changes_decisions_but_is_worth_little():
     """evaluation.ablation's "session timing": the truth in place of each session's learned time to its next
     call changes what CacheSage decides, and its hit rate by under a point (session 11: -4 to +4 points of the
-    gap on the five workloads, either load)."""
+    gap on the five workloads, either load; session 31, on the step clock: -5 to +7). The truth is exact: until
+    session 31 a warm state's step count was left out of it, and every session looked due at once."""
     from evaluation.ablation import knows_session_timing
     from evaluation.bench import CALLS, PRESSURE, WARM_CALLS, held_out, setting
     from evaluation.simulator import learned_state
@@ -314,9 +315,31 @@ def test_knowing_when_sessions_call_changes_decisions_but_is_worth_little():
         policy.act = recorded
         return run_cachesage(calls, capacity, workload, in_flight=8, policy=policy), decided
 
-    (plain, plain_decided), (knowing, knowing_decided) = warm(CacheSage()), warm(knows_session_timing(calls))
+    knowing_policy = knows_session_timing(calls)
+    told = []  # (session, now, time left) as the policy was told it
+    session_timing = knowing_policy._session_timing
+
+    def telling(w, name, session, now, cycle):  # noqa: ANN001, ANN202
+        left, interval = session_timing(w, name, session, now, cycle)
+        told.append((name, now, left))
+        return left, interval
+
+    knowing_policy._session_timing = telling
+    (plain, plain_decided), (knowing, knowing_decided) = warm(CacheSage()), warm(knowing_policy)
     assert plain_decided != knowing_decided
     assert abs(plain.hit_rate - knowing.hit_rate) < 0.01
+    # The truth: a warm state's step clock goes on from the steps it learned over, so call i of the run is
+    # step steps_before + i + 1; what the policy is told is when the session's next call starts there.
+    steps_before = state[workload]["clock"]["steps"]
+    assert steps_before > 0
+    starts: dict[str, list[int]] = {}
+    for i, call in enumerate(calls):
+        starts.setdefault(call.session, []).append(steps_before + i + 1)
+    floor = CacheSage().config.min_residual
+    due = [(now, left, min(t for t in starts[name] if t > now)) for name, now, left in told
+           if any(t > now for t in starts[name])]  # sessions with a call to come (others keep the learned time)
+    assert len(due) > 0.5 * len(told)
+    assert all(abs(left - max(at - now, floor)) < 1e-6 for now, left, at in due)
 
 
 def test_a_grid_point_frames_cachesage_between_lru_and_belady():
