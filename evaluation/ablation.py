@@ -96,6 +96,8 @@ def knows_session_timing(calls: Sequence[TraceCall]):  # noqa: ANN201 - a CacheS
         starts.setdefault(call.session, []).append(i)
 
     class KnowsSessionTiming(CacheSage):
+        steps_before: dict[int, int] = {}  # id(workload) -> its clock's steps when the run began
+
         def load_state(self, state):  # noqa: ANN001, ANN202
             super().load_state(state)
             # A warm state's step clock goes on counting from the steps it learned over
@@ -107,7 +109,7 @@ def knows_session_timing(calls: Sequence[TraceCall]):  # noqa: ANN201 - a CacheS
             made = len(session.seen)
             if made < len(later):
                 # on the step clock, call i is the (i + 1)-th step started in the run
-                at = later[made] + 1 + getattr(self, "steps_before", {}).get(id(w), 0)
+                at = later[made] + 1 + self.steps_before.get(id(w), 0)
                 if self.config.clock == "wall":  # the simulator's clock: one unit per call started, one at a time
                     at += CLOCK_START
                 residual = max(at - now, self.config.min_residual)

@@ -367,8 +367,8 @@ def warm_state(workload: str, replayed: Container[str], capacity: int, in_flight
                max_prompt_tokens: int = 4032, announce: bool = True,
                overrides: dict | None = None) -> tuple[dict, int]:
     """What the bench's ``cachesage`` arm starts from: CacheSage's state (with these CacheSageConfig
-    ``overrides``) learned in the simulator (at this capacity and load) from up to ``calls`` calls of the workload's other sessions ({} when there are none),
-    and how many calls that was."""
+    ``overrides``) learned in the simulator (at this capacity and load) from up to ``calls`` calls of the
+    workload's other sessions ({} when there are none), and how many calls that was."""
     from .simulator import learned_state
 
     history = held_out(workload, replayed, calls, max_prompt_tokens)

@@ -653,9 +653,9 @@ def learned_state(calls: Sequence[TraceCall], capacity_blocks: int, workload: st
                   block_size: int = 32, announce: bool = True, generated: int = 0,
                   overrides: dict | None = None) -> dict:
     """What CacheSage (with these CacheSageConfig ``overrides``) learns about a workload from ``calls`` (run
-    through the simulator at this capacity), as a worker persists it: transitions, reuse by age, agents' turns. Timing is left out (learned on the step
-    clock it is in the engine's units, but keeping it was mixed within 0.3 pp in session 30), and so are the
-    sessions (all ended)."""
+    through the simulator at this capacity), as a worker persists it: transitions, reuse by age, agents' turns.
+    Timing is left out (learned on the step clock it is in the engine's units, but keeping it was mixed within
+    0.3 pp in session 30), and so are the sessions (all ended)."""
     from policy_workers.cachesage import CacheSage
 
     sage = CacheSage(**(overrides or {}))
